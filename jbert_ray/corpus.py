@@ -1,0 +1,187 @@
+"""Read a corpus into Ray Data, one row per record, good or bad, so every stage can count and keep its rejects.
+
+A corpus is a file, a folder or a glob of .jsonl (a `text` field), .txt (one document per line) or .parquet files,
+optionally .gz/.bz2 compressed, on local disk or any pyarrow filesystem (s3://, gs://, hdfs://). Rows have
+`record_id` (`path:line`, or the value of an id field), `text` and `reject` ("" or a reason from jbert_ray.text).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from jbert_ray import text as T
+from jbert_ray.errors import UserError
+
+_COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
+_KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+_ROWS_PER_BLOCK = 4096
+_REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
+_READ_CHUNK_BYTES = 1 << 20
+SCHEMA = pa.schema([("record_id", pa.string()), ("text", pa.string()), ("reject", pa.string())])
+
+
+def corpus_format(path: str) -> str:
+    """'jsonl', 'parquet' or 'txt', from the file name (a compression suffix is ignored)."""
+    name = path.lower()
+    for suffix in _COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    return "parquet" if name.endswith(".parquet") else "txt"
+
+
+def resolve_paths(corpus: str) -> tuple[list[str], pa.fs.FileSystem]:
+    """Expand a file, folder or glob (local or URI) into a sorted file list; fail clearly if there is none."""
+    import pyarrow.fs as pafs
+
+    has_glob = any(ch in corpus for ch in "*?[")
+    base = corpus.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if has_glob else corpus
+    try:
+        if "://" in corpus:
+            filesystem, base_path = pafs.FileSystem.from_uri(base or ".")
+        else:
+            filesystem, base_path = pafs.LocalFileSystem(), str(Path(base or ".").resolve())
+        info = filesystem.get_file_info(base_path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        raise UserError(f"cannot open corpus {corpus!r}: {error}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"corpus not found: {corpus}")
+    if info.type == pafs.FileType.File:
+        return [base_path], filesystem
+    selector = pafs.FileSelector(base_path, recursive=True)
+    files = [f.path for f in filesystem.get_file_info(selector) if f.type == pafs.FileType.File]
+    files = [f for f in files if not Path(f).name.startswith((".", "_"))]
+    if has_glob:
+        pattern = base_path + corpus[len(base) :] if "://" not in corpus else corpus.split("://", 1)[1]
+        files = [f for f in files if fnmatch.fnmatch(f, pattern)]
+    else:
+        files = [f for f in files if any(s in f.lower() for s in _KNOWN_SUFFIXES)]
+    if not files:
+        raise UserError(f"no corpus files (.jsonl, .txt, .parquet) found at {corpus}")
+    return sorted(files), filesystem
+
+
+def read_corpus(corpus: str, text_field: str = "text", id_field: str | None = None):
+    """A Ray Dataset of every record of the corpus (columns record_id, text, reject)."""
+    import ray.data
+
+    paths, filesystem = resolve_paths(corpus)
+    source = CorpusDatasource(paths, filesystem=filesystem, text_field=text_field, id_field=id_field)
+    # Reading is light (decode + JSON); a small CPU share keeps it schedulable next to full actor pools.
+    return ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0.1})
+
+
+def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> tuple[str | None, str, str]:
+    """Decode one jsonl/txt line into (record id or None, text, reject reason)."""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, line.decode("utf-8", "replace"), T.REJECT_INVALID_UTF8
+    if fmt == "txt":
+        return None, decoded, ""
+    try:
+        record = json.loads(decoded)
+    except (json.JSONDecodeError, RecursionError):
+        return None, decoded, T.REJECT_INVALID_JSON
+    if not isinstance(record, dict) or text_field not in record:
+        return None, decoded, T.REJECT_MISSING_FIELD
+    record_id = str(record[id_field]) if id_field and record.get(id_field) is not None else None
+    value = record[text_field]
+    if not isinstance(value, str):
+        return record_id, decoded, T.REJECT_NOT_TEXT
+    return record_id, value, ""
+
+
+class CorpusDatasource(FileBasedDatasource):
+    """Streams records of jsonl/txt/parquet files in blocks; never holds a whole file's records at once."""
+
+    def __init__(self, paths: list[str], *, text_field: str = "text", id_field: str | None = None, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.text_field = text_field
+        self.id_field = id_field
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        fmt = corpus_format(path)
+        rows = self._parquet_rows(f, path) if fmt == "parquet" else self._line_rows(f, path, fmt)
+        block: list[tuple[str, str, str]] = []
+        for row in rows:
+            block.append(row)
+            if len(block) == _ROWS_PER_BLOCK:
+                yield _to_table(block)
+                block = []
+        if block:
+            yield _to_table(block)
+
+    def _line_rows(self, f: pa.NativeFile, path: str, fmt: str) -> Iterator[tuple[str, str, str]]:
+        for number, line in enumerate(_iter_lines(f), start=1):
+            record_id, text, reason = parse_line(line, fmt, self.text_field, self.id_field)
+            yield _row(record_id or f"{path}:{number}", text, reason)
+
+    def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple[str, str, str]]:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(f.readall()))
+        except (pa.ArrowInvalid, OSError):
+            yield _row(f"{path}:1", "", T.REJECT_BINARY)
+            return
+        if self.text_field not in parquet.schema_arrow.names:
+            for number in range(1, parquet.metadata.num_rows + 1):
+                yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD)
+            return
+        columns = [self.text_field] + ([self.id_field] if self.id_field else [])
+        number = 0
+        for batch in parquet.iter_batches(columns=columns):
+            ids = batch.column(self.id_field).to_pylist() if self.id_field else [None] * batch.num_rows
+            for value, record_id in zip(batch.column(self.text_field).to_pylist(), ids):
+                number += 1
+                record_id = str(record_id) if record_id is not None else f"{path}:{number}"
+                if isinstance(value, str):
+                    yield _row(record_id, value, "")
+                else:
+                    yield _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT)
+
+
+def _row(record_id: str, text: str, reason: str) -> tuple[str, str, str]:
+    return record_id, text[:_REJECT_PREVIEW_CHARS] if reason else text, reason
+
+
+def _iter_lines(f: pa.NativeFile) -> Iterator[bytes]:
+    """Lines of a binary stream without their line ending, read in 1 MiB chunks."""
+    rest = b""
+    while chunk := f.read(_READ_CHUNK_BYTES):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if rest:
+        yield rest.removesuffix(b"\r")
+
+
+def _to_table(rows: list[tuple[str, str, str]]) -> pa.Table:
+    record_ids, texts, rejects = zip(*rows)
+    return pa.table([list(record_ids), list(texts), list(rejects)], schema=SCHEMA)
+
+
+class RejectsWriter:
+    """Appends rejected records as JSON lines {record_id, reason, record} and counts them by reason."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.by_reason: dict[str, int] = {}
+        self._file = open(path, "w", encoding="utf-8")
+
+    def write(self, record_id: str, reason: str, record: str) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        line = json.dumps({"record_id": record_id, "reason": reason, "record": record}, ensure_ascii=False)
+        self._file.write(line + "\n")
+
+    def close(self) -> None:
+        self._file.close()

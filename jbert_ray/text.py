@@ -1,0 +1,58 @@
+"""Normalization and cleaning of one Japanese text record: the single source of truth that the vocab,
+preprocessing and inference stages all call, so every stage sees the same characters."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+# Reasons a record is rejected; they appear in rejects/ files and in manifests.
+REJECT_INVALID_UTF8 = "invalid_utf8"
+REJECT_INVALID_JSON = "invalid_json"
+REJECT_MISSING_FIELD = "missing_field"
+REJECT_NOT_TEXT = "not_text"
+REJECT_EMPTY = "empty"
+REJECT_BINARY = "binary"
+REJECT_NO_JAPANESE = "no_japanese"
+
+# Control characters other than tab and newlines: MeCab stops reading at NUL, and the rest are noise.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]")
+# A sentence ends at a line break, after 。 (NFKC keeps it full-width), or after !/? (NFKC of ！？) when
+# followed by a space or non-ASCII text, so `foo!bar` in a shell command stays whole; closing brackets stay.
+_SENTENCE_END = re.compile(r"\n+|(?:(?<=[。．])|(?<=[!?！？])(?=\s|[^\x00-\x7f]))(?![」』）)\]。!?！？])")
+_BINARY_CONTROL_FRACTION = 0.1  # above this share of control characters a record is binary, not text
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    normalization: str = "NFKC"  # unicodedata form applied to every record ("none" to keep text as is)
+    require_japanese: bool = True  # reject records with no kana or kanji (e.g. stray English-only lines)
+
+
+def normalize(text: str, form: str = "NFKC") -> str:
+    """Apply Unicode normalization (the one BertJapaneseTokenizer applies: NFKC by default)."""
+    return text if form.lower() == "none" else unicodedata.normalize(form, text)
+
+
+def clean_text(text: str, config: TextConfig = TextConfig()) -> tuple[str, str]:
+    """Normalize one record; return (clean text, "") or ("", reject reason)."""
+    if not text.strip():
+        return "", REJECT_EMPTY
+    controls = len(_CONTROL.findall(text))
+    if controls > _BINARY_CONTROL_FRACTION * len(text):
+        return "", REJECT_BINARY
+    if controls:
+        text = _CONTROL.sub(" ", text)
+    text = normalize(text, config.normalization).strip()
+    if not text:
+        return "", REJECT_EMPTY
+    if config.require_japanese and not _JAPANESE.search(text):
+        return "", REJECT_NO_JAPANESE
+    return text, ""
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after 。！？ and at line breaks; keep the punctuation, drop empty pieces."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]

@@ -1,0 +1,277 @@
+"""Japanese BERT tokenizer: NFKC → MeCab words (fugashi) → WordPiece ids (`tokenizers`), plus word starts.
+
+The saved directory is laid out like the Tohoku Japanese BERT ones, so `transformers.AutoTokenizer` loads it as
+`BertJapaneseTokenizer`; our batch path gives the same ids, only faster: MeCab in wakati mode and a word → ids
+cache in front of WordPiece (most Japanese words are whole vocabulary entries, so a miss is rare).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from jbert_ray.errors import UserError
+from jbert_ray.text import normalize
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
+MAX_WORD_CHARS = 100  # longer words become [UNK], as in transformers' WordpieceTokenizer
+_CACHE_LIMIT = 1_000_000  # words; bounds memory on corpora with endless unique strings (hashes, URLs)
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+_DICTIONARY_PACKAGES = {"unidic_lite": "unidic-lite", "unidic": "unidic", "ipadic": "ipadic"}
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 32768  # WordPiece entries including the 5 special tokens (Tohoku v3 uses 32768)
+    min_frequency: int = 2  # a merge must be seen this often; words seen once are mostly noise
+    limit_alphabet: int = 0  # distinct characters kept as pieces; 0 = a quarter of vocab_size
+    do_lower_case: bool = False  # Japanese BERTs are cased; lowercasing only touches Latin letters
+    mecab_dic: str = "unidic_lite"  # MeCab dictionary package: unidic_lite (default), unidic or ipadic
+    model_max_length: int = 512  # written to tokenizer_config.json (otherwise transformers says 1e30)
+
+
+class Encoding(NamedTuple):
+    ids: list[int]
+    word_start: list[bool]  # True where a token begins a MeCab word (special tokens are words of their own)
+
+
+class JapaneseTokenizer:
+    """MeCab + WordPiece tokenizer with the API of a Tohoku-style `BertJapaneseTokenizer` directory."""
+
+    def __init__(
+        self,
+        vocab: list[str],
+        do_lower_case: bool = False,
+        mecab_dic: str = "unidic_lite",
+        mecab_option: str = "",
+        normalize_text: bool = True,
+        model_max_length: int = 512,
+    ):
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise UserError(f"vocabulary lacks special tokens {missing}")
+        self.vocab = vocab
+        self.token_to_id = {token: i for i, token in enumerate(vocab)}
+        self.do_lower_case = do_lower_case
+        self.mecab_dic = mecab_dic
+        self.mecab_option = mecab_option
+        self.normalize_text = normalize_text
+        self.model_max_length = model_max_length
+        self.pad_token_id, self.unk_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id = (
+            self.token_to_id[t] for t in SPECIAL_TOKENS
+        )
+        self.special_ids = frozenset(self.token_to_id[t] for t in SPECIAL_TOKENS)
+        self._tagger = None  # built on first use, so the object pickles to Ray workers cheaply
+        self._wordpiece = None
+        self._cache: dict[str, tuple[tuple[int, ...], tuple[bool, ...]]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # ---- loading and saving (Tohoku-style HF directory) ----
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> JapaneseTokenizer:
+        """Load our tokenizer directory or any Tohoku-style `BertJapaneseTokenizer` directory."""
+        path = Path(path)
+        vocab_file = path / "vocab.txt"
+        if not vocab_file.is_file():
+            raise UserError(f"{path} is not a tokenizer directory: it has no vocab.txt")
+        config = _read_json(path / "tokenizer_config.json")
+        word_type = config.get("word_tokenizer_type", "mecab")
+        subword_type = config.get("subword_tokenizer_type", "wordpiece")
+        if word_type != "mecab" or subword_type != "wordpiece":
+            raise UserError(
+                f"{path}: word_tokenizer_type={word_type!r}, subword_tokenizer_type={subword_type!r}; "
+                "jbert_ray supports Japanese BERT tokenizers with mecab words and wordpiece subwords"
+            )
+        mecab = config.get("mecab_kwargs") or {}
+        tokenizer = cls(
+            vocab=_read_vocab(vocab_file),
+            do_lower_case=bool(config.get("do_lower_case", False)),
+            mecab_dic=mecab.get("mecab_dic", "unidic_lite"),
+            mecab_option=mecab.get("mecab_option") or "",
+            normalize_text=bool(mecab.get("normalize_text", True)),
+            model_max_length=int(min(config.get("model_max_length", 512), 1 << 20)),
+        )
+        build_tagger(tokenizer.mecab_dic, tokenizer.mecab_option)  # fail now, not in a worker, if no dictionary
+        return tokenizer
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write vocab.txt, tokenizer_config.json and special_tokens_map.json (Tohoku layout)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "vocab.txt").write_text("".join(token + "\n" for token in self.vocab), encoding="utf-8")
+        special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
+        mecab_kwargs = {"mecab_dic": self.mecab_dic}
+        if self.mecab_option:
+            mecab_kwargs["mecab_option"] = self.mecab_option
+        if not self.normalize_text:
+            mecab_kwargs["normalize_text"] = False
+        config = {
+            "tokenizer_class": "BertJapaneseTokenizer",
+            "do_lower_case": self.do_lower_case,
+            "word_tokenizer_type": "mecab",
+            "subword_tokenizer_type": "wordpiece",
+            "mecab_kwargs": mecab_kwargs,
+            "model_max_length": self.model_max_length,
+            **special,
+        }
+        _write_json(path / "tokenizer_config.json", config)
+        _write_json(path / "special_tokens_map.json", special)
+
+    # ---- encoding ----
+
+    def words(self, text: str) -> list[str]:
+        """MeCab words of one text (after NFKC), as BertJapaneseTokenizer's word tokenizer splits it."""
+        if self._tagger is None:
+            self._tagger = build_tagger(self.mecab_dic, self.mecab_option)
+        if self.normalize_text:
+            text = normalize(text)
+        # MeCab reads a C string: it would silently stop at NUL.
+        return self._tagger.parse(text.replace("\x00", " ")).split()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """Token ids and word starts of one text."""
+        ids: list[int] = []
+        starts: list[bool] = []
+        if add_special_tokens:
+            ids.append(self.cls_token_id)
+            starts.append(True)
+        # Special tokens written in the text ("[MASK]") are split out before normalization, like transformers.
+        chunks = _SPECIAL_SPLIT.split(text) if "[" in text else (text,)
+        for chunk in chunks:
+            special_id = self.token_to_id.get(chunk) if chunk in SPECIAL_TOKENS else None
+            if special_id is not None:
+                ids.append(special_id)
+                starts.append(True)
+            elif chunk:
+                self._extend_with_words(self.words(chunk), ids, starts)
+        if add_special_tokens:
+            ids.append(self.sep_token_id)
+            starts.append(True)
+        return Encoding(ids, starts)
+
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[Encoding]:
+        """Encode many texts; ids equal `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`."""
+        return [self.encode(text, add_special_tokens) for text in texts]
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.vocab[i] for i in ids]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Join pieces without spaces and without '##' (Japanese is written without spaces)."""
+        tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self.special_ids)]
+        return "".join(t[2:] if t.startswith("##") else t for t in tokens)
+
+    def _extend_with_words(self, words: list[str], ids: list[int], starts: list[bool]) -> None:
+        cache = self._cache
+        for word in words:
+            pieces = cache.get(word)
+            if pieces is None:
+                pieces = self._word_pieces(word)
+                if len(cache) < _CACHE_LIMIT:
+                    cache[word] = pieces
+            ids.extend(pieces[0])
+            starts.extend(pieces[1])
+
+    def _word_pieces(self, word: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        if self._wordpiece is None:
+            from tokenizers.models import WordPiece
+
+            self._wordpiece = WordPiece(
+                self.token_to_id, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS
+            )
+        if self.do_lower_case:
+            word = word.lower()
+        piece_ids = tuple(token.id for token in self._wordpiece.tokenize(word))
+        return piece_ids, (True,) + (False,) * (len(piece_ids) - 1)
+
+    def __getstate__(self) -> dict:
+        # The MeCab tagger cannot be pickled and the cache can be large: workers rebuild both.
+        return {**self.__dict__, "_tagger": None, "_wordpiece": None, "_cache": {}}
+
+
+def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):
+    """A wakati (space-separated words) MeCab tagger with the same dictionary options as transformers."""
+    import fugashi
+
+    if mecab_dic not in _DICTIONARY_PACKAGES:
+        raise UserError(f"unknown MeCab dictionary {mecab_dic!r}; use one of {sorted(_DICTIONARY_PACKAGES)}")
+    try:
+        module = __import__(mecab_dic)
+    except ImportError:
+        raise UserError(
+            f"MeCab dictionary {mecab_dic!r} is not installed: pip install {_DICTIONARY_PACKAGES[mecab_dic]}"
+            + (" && python -m unidic download" if mecab_dic == "unidic" else "")
+        ) from None
+    dic_dir = module.DICDIR
+    mecabrc = os.path.join(dic_dir, "mecabrc")
+    if not os.path.isfile(mecabrc):
+        raise UserError(
+            f"MeCab dictionary {mecab_dic!r} is installed but its files are missing from {dic_dir}"
+            + (": run `python -m unidic download`" if mecab_dic == "unidic" else "")
+        )
+    return fugashi.GenericTagger(f'-d "{dic_dir}" -r "{mecabrc}" {mecab_option} -Owakati')
+
+
+def train_vocab(word_counts: Mapping[str, int], config: TokenizerConfig = TokenizerConfig()) -> JapaneseTokenizer:
+    """Train WordPiece (the `tokenizers` trainer) on MeCab word counts; return the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if not word_counts:
+        raise UserError("no words to train a vocabulary on: the corpus has no usable text")
+    if config.vocab_size <= len(SPECIAL_TOKENS):
+        raise UserError(f"vocab size must exceed {len(SPECIAL_TOKENS)} (the special tokens)")
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=config.limit_alphabet or max(config.vocab_size // 4, 1),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_repeat_words(word_counts, config.do_lower_case), trainer=trainer)
+    vocab = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    return JapaneseTokenizer(
+        vocab,
+        do_lower_case=config.do_lower_case,
+        mecab_dic=config.mecab_dic,
+        model_max_length=config.model_max_length,
+    )
+
+
+def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096) -> Iterator[str]:
+    # The trainer only takes text; feeding "w w w …" lets its Rust pre-tokenizer rebuild the counts quickly.
+    for word, count in word_counts.items():
+        word = word.lower() if lower else word
+        for start in range(0, count, chunk):
+            yield " ".join([word] * min(chunk, count - start))
+
+
+def _read_vocab(path: Path) -> list[str]:
+    # One token per line, split on "\n" only, as transformers' load_vocab reads it.
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

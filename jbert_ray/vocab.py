@@ -1,0 +1,111 @@
+"""Distributed vocabulary training: Ray Data reads the corpus, actors split it into MeCab words (one tagger per
+actor), the driver merges the word counts, and the `tokenizers` WordPiece trainer builds the vocab from them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from jbert_ray.corpus import RejectsWriter, read_corpus
+from jbert_ray.errors import UserError
+from jbert_ray.output_dir import prepare_output_dir
+from jbert_ray.progress import Progress
+from jbert_ray.resources import ACTOR_CPUS, actor_pool
+from jbert_ray.text import TextConfig, clean_text, split_sentences
+from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    output_dir: str  # the tokenizer directory to write
+    text_field: str = "text"  # JSON field / parquet column holding the text
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    num_actors: int = 0  # MeCab actors; 0 = one per CPU of the cluster
+    batch_size: int = 1024  # records per actor call
+    overwrite: bool = False  # replace an existing output directory
+    show_progress: bool = True
+
+
+class WordCounter:
+    """Ray Data callable: a batch of records → one row of (words, counts, rejected records)."""
+
+    def __init__(self, text_config: TextConfig, mecab_dic: str):
+        self.text_config = text_config
+        self.tagger = build_tagger(mecab_dic)  # once per actor: building one costs ~50 ms
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        counts: Counter[str] = Counter()
+        rejects = []
+        for record_id, raw, reason in zip(batch["record_id"], batch["text"], batch["reject"]):
+            text = ""
+            if not reason:
+                text, reason = clean_text(raw, self.text_config)
+            if reason:
+                rejects.append(json.dumps([record_id, reason, raw], ensure_ascii=False))
+                continue
+            for sentence in split_sentences(text):
+                counts.update(self.tagger.parse(sentence).split())
+        return pa.table(
+            {
+                "words": pa.array([list(counts)], pa.list_(pa.string())),
+                "counts": pa.array([list(counts.values())], pa.list_(pa.int64())),
+                "records": [len(batch["record_id"])],
+                "rejects": pa.array([rejects], pa.list_(pa.string())),
+            }
+        )
+
+
+def run_vocab(config: VocabConfig) -> dict:
+    """Count MeCab words over the corpus on the cluster, train WordPiece, save the tokenizer directory."""
+    output_dir = prepare_output_dir(config.output_dir, overwrite=config.overwrite)
+    dataset = read_corpus(config.input, text_field=config.text_field).map_batches(
+        WordCounter,
+        fn_constructor_kwargs={"text_config": config.text, "mecab_dic": config.tokenizer.mecab_dic},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=actor_pool(config.num_actors),
+        num_cpus=ACTOR_CPUS,
+    )
+    counts: Counter[str] = Counter()
+    rejects = RejectsWriter(output_dir / "rejects" / "rejects.jsonl")
+    records = words = 0
+    progress = Progress("vocab", rate_key="records", enabled=config.show_progress)
+    for row in dataset.iter_rows():
+        counts.update(dict(zip(row["words"], row["counts"])))
+        words += sum(row["counts"])
+        records += row["records"]
+        for line in row["rejects"]:
+            rejects.write(*json.loads(line))
+        progress.update(records=records, words=words, unique_words=len(counts))
+    rejects.close()
+    if records == 0:
+        raise UserError(f"corpus {config.input} is empty: no records")
+    if not counts:
+        raise UserError(f"corpus {config.input} has no usable text: all {records:,} records were rejected")
+    count_s = progress.elapsed_s
+    train_start = time.perf_counter()
+    tokenizer = train_vocab(counts, config.tokenizer)
+    tokenizer.save_pretrained(output_dir)
+    summary = {
+        "records_read": records,
+        "records_kept": records - sum(rejects.by_reason.values()),
+        "records_rejected": sum(rejects.by_reason.values()),
+        "rejects_by_reason": rejects.by_reason,
+        "words": words,
+        "unique_words": len(counts),
+        "vocab_size": tokenizer.vocab_size,
+        "count_seconds": round(count_s, 2),
+        "train_seconds": round(time.perf_counter() - train_start, 2),
+        "seconds": round(progress.elapsed_s, 2),
+        "config": asdict(config),
+    }
+    (output_dir / "vocab_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    return summary

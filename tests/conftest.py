@@ -1,0 +1,51 @@
+"""Shared fixtures: the bundled Japanese sample, a small tokenizer trained on it, and one local Ray cluster."""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_PATH = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
+SHARED_CORPUS = REPO.parent / "shared" / "corpus"  # train/valid; tests needing it skip when it is absent
+TEST_VOCAB_SIZE = 4000
+
+
+def read_sample(limit: int | None = None) -> list[str]:
+    with open(SAMPLE_PATH, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return texts[:limit]
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    return read_sample()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, sample_texts) -> Path:
+    """A WordPiece vocab trained on the sample's MeCab words, without Ray (about a second)."""
+    from jbert_ray.text import normalize
+    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+    tagger = build_tagger()
+    counts = Counter(word for text in sample_texts for word in tagger.parse(normalize(text)).split())
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_vocab(counts, TokenizerConfig(vocab_size=TEST_VOCAB_SIZE)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local 2-CPU Ray for the whole test session (start-up costs ~5 s)."""
+    import ray
+    import ray.data
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
