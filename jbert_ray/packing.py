@@ -1,0 +1,119 @@
+"""Sequence packing for BERT pretraining: consecutive sentences fill `[CLS] s1 [SEP] s2 [SEP] …` rows of at most
+`max_seq_len` tokens (RoBERTa's FULL-SENTENCES / DOC-SENTENCES packing, with a [SEP] after every sentence).
+
+Pure functions over token id lists, so they are unit-tested without Ray. A sentence longer than a row is split
+into pieces (at a word start where one exists), never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+MIN_SEQ_LEN = 8  # [CLS] + at least a few tokens + [SEP]; shorter rows are almost all overhead
+
+
+class Packed(NamedTuple):
+    ids: list[int]  # [CLS] s1 [SEP] s2 [SEP] …, unpadded
+    word_start: list[bool]  # True where a token begins a MeCab word; special tokens are True
+    doc_id: str  # the document the row starts with
+    seq_index: int  # 0, 1, … over the rows that start with this document, in order
+
+
+class Packer:
+    """Accumulates sentences into packed rows; call `add` per sentence, `flush` at a document boundary."""
+
+    def __init__(self, max_seq_len: int, cls_id: int, sep_id: int):
+        if max_seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN}, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.cls_id = cls_id
+        self.sep_id = sep_id
+        self.rows: list[Packed] = []  # finished rows; the caller takes them
+        self.sentences = 0  # non-empty sentences added
+        self.split_sentences = 0  # sentences longer than a row, cut into pieces
+        self.pieces = 0  # sentence pieces written (each one followed by [SEP])
+        self._ids: list[int] = []
+        self._starts: list[bool] = []
+        self._doc_id = ""
+        self._next_index: dict[str, int] = {}
+
+    def add(self, ids: Sequence[int], word_start: Sequence[bool], doc_id: str) -> None:
+        """Append one sentence (without special tokens); start a new row when it does not fit."""
+        if not ids:
+            return
+        if len(ids) != len(word_start):
+            raise ValueError(f"{len(ids)} ids but {len(word_start)} word_start flags")
+        self.sentences += 1
+        if self._ids and len(self._ids) + len(ids) + 1 > self.max_seq_len:
+            self.flush()
+        capacity = self.max_seq_len - 2  # room for one piece in a fresh row: [CLS] piece [SEP]
+        if len(ids) > capacity:
+            self.split_sentences += 1
+            ids, word_start = list(ids), list(word_start)
+            while len(ids) > capacity:
+                cut = split_point(word_start, capacity)
+                self._append(ids[:cut], word_start[:cut], doc_id)
+                self.flush()
+                ids, word_start = ids[cut:], word_start[cut:]
+        self._append(ids, word_start, doc_id)
+
+    def flush(self) -> None:
+        """Close the current row (a document ends, or the next sentence does not fit)."""
+        if not self._ids:
+            return
+        index = self._next_index.get(self._doc_id, 0)
+        self._next_index[self._doc_id] = index + 1
+        self.rows.append(Packed(self._ids, self._starts, self._doc_id, index))
+        self._ids, self._starts = [], []
+
+    def take(self) -> list[Packed]:
+        """The finished rows, handed over once (the packer forgets them)."""
+        rows, self.rows = self.rows, []
+        return rows
+
+    def _append(self, ids: Sequence[int], word_start: Sequence[bool], doc_id: str) -> None:
+        if not self._ids:
+            self._ids, self._starts, self._doc_id = [self.cls_id], [True], doc_id
+        self._ids.extend(ids)
+        self._starts.extend(word_start)
+        self._ids.append(self.sep_id)
+        self._starts.append(True)
+        self.pieces += 1
+
+
+def split_point(word_start: Sequence[bool], limit: int) -> int:
+    """Where to cut a too-long sentence: the last word start in (0, limit], else `limit` (one huge word)."""
+    for cut in range(limit, 0, -1):
+        if word_start[cut]:
+            return cut
+    return limit
+
+
+def pack_sequences(
+    sentences: Iterable[tuple[Sequence[int], Sequence[bool]]],
+    max_seq_len: int,
+    cls_id: int,
+    sep_id: int,
+    doc_id: str = "",
+) -> list[Packed]:
+    """Pack the sentences of one document into rows of at most `max_seq_len` tokens."""
+    packer = Packer(max_seq_len, cls_id, sep_id)
+    for ids, word_start in sentences:
+        packer.add(ids, word_start, doc_id)
+    packer.flush()
+    return packer.take()
+
+
+def padding_waste(tokens: int, sequences: int, max_seq_len: int) -> float:
+    """Share of a [sequences × max_seq_len] padded batch that would be padding (0.0 with no sequences)."""
+    return 1.0 - tokens / (sequences * max_seq_len) if sequences else 0.0
+
+
+def in_valid_split(doc_id: str, valid_fraction: float) -> bool:
+    """Deterministic document-level split: the same doc id lands in the same split on every run and machine."""
+    if valid_fraction <= 0.0:
+        return False
+    digest = hashlib.sha1(doc_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < valid_fraction
