@@ -92,6 +92,7 @@ def _add_vocab(commands) -> None:
 
 
 def _run_vocab(args: argparse.Namespace) -> None:
+    from jbert_ray.corpus import resolve_paths
     from jbert_ray.text import TextConfig
     from jbert_ray.tokenizer import TokenizerConfig
     from jbert_ray.vocab import VocabConfig, run_vocab
@@ -113,6 +114,7 @@ def _run_vocab(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         show_progress=not args.no_progress,
     )
+    resolve_paths(config.input)  # a missing corpus fails here, before Ray spends seconds starting
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     summary = run_vocab(config)
     rejected = ", ".join(f"{k}={v:,}" for k, v in sorted(summary["rejects_by_reason"].items())) or "none"

@@ -2,14 +2,16 @@
 
 A corpus is a file, a folder or a glob of .jsonl (a `text` field), .txt (one document per line) or .parquet files,
 optionally .gz/.bz2 compressed, on local disk or any pyarrow filesystem (s3://, gs://, hdfs://). Rows have
-`record_id` (`path:line`, or the value of an id field), `text` and `reject` ("" or a reason from jbert_ray.text).
+`record_id` (`path:line`, or the value of an id field), `text` and `reject` ("" or a reason from jbert_ray.text);
+with `positions=True` also `path` and `line` (1-based line or parquet row), which `skip` takes to resume a run.
+A binary file, a corrupt compressed file and an over-long line become rejected records, never a crash.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +25,11 @@ _KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 _ROWS_PER_BLOCK = 4096
 _REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 _READ_CHUNK_BYTES = 1 << 20
+_MAX_LINE_BYTES = 64 << 20  # a longer line is rejected while it streams past, never held in memory
+_SNIFF_BYTES = 8192  # a file whose head is mostly undecodable or control bytes is binary, not a corpus
+_BINARY_HEAD_FRACTION = 0.3
 SCHEMA = pa.schema([("record_id", pa.string()), ("text", pa.string()), ("reject", pa.string())])
+POSITION_FIELDS = [("path", pa.string()), ("line", pa.int64())]
 
 
 def corpus_format(path: str) -> str:
@@ -67,14 +73,27 @@ def resolve_paths(corpus: str) -> tuple[list[str], pa.fs.FileSystem]:
     return sorted(files), filesystem
 
 
-def read_corpus(corpus: str, text_field: str = "text", id_field: str | None = None):
-    """A Ray Dataset of every record of the corpus (columns record_id, text, reject)."""
+def read_corpus(
+    corpus: str,
+    text_field: str = "text",
+    id_field: str | None = None,
+    *,
+    positions: bool = False,
+    skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+):
+    """A Ray Dataset of every record of the corpus (columns record_id, text, reject).
+
+    `positions` adds the columns path and line; `skip` maps a path to sorted, disjoint inclusive (first, last)
+    line ranges whose records are left out (already processed by an interrupted run).
+    """
     import ray.data
 
     paths, filesystem = resolve_paths(corpus)
-    source = CorpusDatasource(paths, filesystem=filesystem, text_field=text_field, id_field=id_field)
+    source = CorpusDatasource(
+        paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip
+    )
     # Reading is light (decode + JSON); a small CPU share keeps it schedulable next to full actor pools.
-    return ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0.1})
+    return ray.data.read_datasource(source, num_cpus=0.1)
 
 
 def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> tuple[str | None, str, str]:
@@ -101,39 +120,64 @@ def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> 
 class CorpusDatasource(FileBasedDatasource):
     """Streams records of jsonl/txt/parquet files in blocks; never holds a whole file's records at once."""
 
-    def __init__(self, paths: list[str], *, text_field: str = "text", id_field: str | None = None, **kwargs):
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        text_field: str = "text",
+        id_field: str | None = None,
+        positions: bool = False,
+        skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+        **kwargs,
+    ):
         super().__init__(paths, **kwargs)
         self.text_field = text_field
         self.id_field = id_field
+        self.positions = positions
+        self.skip = {path: [tuple(r) for r in ranges] for path, ranges in (skip or {}).items()}
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = corpus_format(path)
         rows = self._parquet_rows(f, path) if fmt == "parquet" else self._line_rows(f, path, fmt)
-        block: list[tuple[str, str, str]] = []
+        skipped = _LineSkipper(self.skip.get(path, ()))
+        block: list[tuple[str, str, str, int]] = []
         for row in rows:
+            if skipped(row[3]):
+                continue
             block.append(row)
             if len(block) == _ROWS_PER_BLOCK:
-                yield _to_table(block)
+                yield _to_table(block, path if self.positions else None)
                 block = []
         if block:
-            yield _to_table(block)
+            yield _to_table(block, path if self.positions else None)
 
-    def _line_rows(self, f: pa.NativeFile, path: str, fmt: str) -> Iterator[tuple[str, str, str]]:
-        for number, line in enumerate(_iter_lines(f), start=1):
-            record_id, text, reason = parse_line(line, fmt, self.text_field, self.id_field)
-            yield _row(record_id or f"{path}:{number}", text, reason)
+    def _line_rows(self, f: pa.NativeFile, path: str, fmt: str) -> Iterator[tuple[str, str, str, int]]:
+        number = 0
+        try:
+            head = f.read(_SNIFF_BYTES)
+            if _looks_binary(head):
+                yield _row(f"{path}:1", head[:_REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1)
+                return
+            for number, (line, whole) in enumerate(_iter_lines(f, head), start=1):
+                if not whole:
+                    yield _row(f"{path}:{number}", line.decode("utf-8", "replace"), T.REJECT_TOO_LONG, number)
+                    continue
+                record_id, text, reason = parse_line(line, fmt, self.text_field, self.id_field)
+                yield _row(record_id or f"{path}:{number}", text, reason, number)
+        except (OSError, pa.ArrowException) as error:  # e.g. a truncated or corrupt .gz: keep what was read
+            yield _row(f"{path}:{number + 1}", str(error), T.REJECT_UNREADABLE, number + 1)
 
-    def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple[str, str, str]]:
+    def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple[str, str, str, int]]:
         import pyarrow.parquet as pq
 
         try:
             parquet = pq.ParquetFile(pa.BufferReader(f.readall()))
         except (pa.ArrowInvalid, OSError):
-            yield _row(f"{path}:1", "", T.REJECT_BINARY)
+            yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
             return
         if self.text_field not in parquet.schema_arrow.names:
             for number in range(1, parquet.metadata.num_rows + 1):
-                yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD)
+                yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD, number)
             return
         columns = [self.text_field] + ([self.id_field] if self.id_field else [])
         number = 0
@@ -143,30 +187,70 @@ class CorpusDatasource(FileBasedDatasource):
                 number += 1
                 record_id = str(record_id) if record_id is not None else f"{path}:{number}"
                 if isinstance(value, str):
-                    yield _row(record_id, value, "")
+                    yield _row(record_id, value, "", number)
                 else:
-                    yield _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT)
+                    yield _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT, number)
 
 
-def _row(record_id: str, text: str, reason: str) -> tuple[str, str, str]:
-    return record_id, text[:_REJECT_PREVIEW_CHARS] if reason else text, reason
+class _LineSkipper:
+    """Is a line inside the skip ranges? Lines arrive in increasing order, so one pointer walks the ranges."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]]):
+        self.ranges = sorted(ranges)
+        self.next = 0
+
+    def __call__(self, line: int) -> bool:
+        while self.next < len(self.ranges) and self.ranges[self.next][1] < line:
+            self.next += 1
+        return self.next < len(self.ranges) and self.ranges[self.next][0] <= line
 
 
-def _iter_lines(f: pa.NativeFile) -> Iterator[bytes]:
-    """Lines of a binary stream without their line ending, read in 1 MiB chunks."""
-    rest = b""
-    while chunk := f.read(_READ_CHUNK_BYTES):
+def _row(record_id: str, text: str, reason: str, line: int) -> tuple[str, str, str, int]:
+    return record_id, text[:_REJECT_PREVIEW_CHARS] if reason else text, reason, line
+
+
+def _looks_binary(head: bytes) -> bool:
+    """Mostly NUL/control bytes or invalid UTF-8 (a gzip, an image, an executable): not a text corpus."""
+    if not head:
+        return False
+    text = head.decode("utf-8", "replace")
+    bad = text.count("\ufffd") + sum(1 for ch in text if ch < "\x09" or "\x0e" <= ch < "\x20")
+    # A multi-byte character cut at the end of the head is not evidence; 3 bytes of slack cover it.
+    return bad - 3 > _BINARY_HEAD_FRACTION * len(text)
+
+
+def _iter_lines(f: pa.NativeFile, head: bytes = b"") -> Iterator[tuple[bytes, bool]]:
+    """(line without its ending, whole?) of a binary stream read in 1 MiB chunks, after the bytes in `head`.
+
+    A line over _MAX_LINE_BYTES comes back once, cut to the preview length, with whole=False; the rest of it
+    streams past without being kept."""
+    rest, skipping = b"", False
+    chunk = head or f.read(_READ_CHUNK_BYTES)
+    while chunk:
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         for line in lines:
-            yield line.removesuffix(b"\r")
-    if rest:
-        yield rest.removesuffix(b"\r")
+            if skipping:  # the tail of the over-long line, already reported
+                skipping = False
+                continue
+            yield line.removesuffix(b"\r"), True
+        if skipping:
+            rest = b""
+        elif len(rest) > _MAX_LINE_BYTES:
+            yield rest[:_REJECT_PREVIEW_CHARS], False
+            rest, skipping = b"", True
+        chunk = f.read(_READ_CHUNK_BYTES)
+    if rest and not skipping:
+        yield rest.removesuffix(b"\r"), True
 
 
-def _to_table(rows: list[tuple[str, str, str]]) -> pa.Table:
-    record_ids, texts, rejects = zip(*rows)
-    return pa.table([list(record_ids), list(texts), list(rejects)], schema=SCHEMA)
+def _to_table(rows: list[tuple[str, str, str, int]], path: str | None) -> pa.Table:
+    record_ids, texts, rejects, lines = zip(*rows)
+    table = pa.table([list(record_ids), list(texts), list(rejects)], schema=SCHEMA)
+    if path is not None:
+        table = table.append_column(pa.field(*POSITION_FIELDS[0]), pa.array([path] * len(rows), pa.string()))
+        table = table.append_column(pa.field(*POSITION_FIELDS[1]), pa.array(lines, pa.int64()))
+    return table
 
 
 class RejectsWriter:

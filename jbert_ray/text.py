@@ -15,6 +15,8 @@ REJECT_NOT_TEXT = "not_text"
 REJECT_EMPTY = "empty"
 REJECT_BINARY = "binary"
 REJECT_NO_JAPANESE = "no_japanese"
+REJECT_TOO_LONG = "too_long"
+REJECT_UNREADABLE = "unreadable"  # the file could not be read on (e.g. a corrupt .gz); the rest of it is lost
 
 # Control characters other than tab and newlines: MeCab stops reading at NUL, and the rest are noise.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -29,6 +31,7 @@ _BINARY_CONTROL_FRACTION = 0.1  # above this share of control characters a recor
 class TextConfig:
     normalization: str = "NFKC"  # unicodedata form applied to every record ("none" to keep text as is)
     require_japanese: bool = True  # reject records with no kana or kanji (e.g. stray English-only lines)
+    max_chars: int = 1_000_000  # longer records are dumps gone wrong (a whole file on one line), not documents
 
 
 def normalize(text: str, form: str = "NFKC") -> str:
@@ -38,10 +41,12 @@ def normalize(text: str, form: str = "NFKC") -> str:
 
 def clean_text(text: str, config: TextConfig = TextConfig()) -> tuple[str, str]:
     """Normalize one record; return (clean text, "") or ("", reject reason)."""
+    if len(text) > config.max_chars:
+        return "", REJECT_TOO_LONG
     if not text.strip():
         return "", REJECT_EMPTY
     controls = len(_CONTROL.findall(text))
-    if controls > _BINARY_CONTROL_FRACTION * len(text):
+    if controls > 2 and controls > _BINARY_CONTROL_FRACTION * len(text):
         return "", REJECT_BINARY
     if controls:
         text = _CONTROL.sub(" ", text)

@@ -67,6 +67,7 @@ class JapaneseTokenizer:
             self.token_to_id[t] for t in SPECIAL_TOKENS
         )
         self.special_ids = frozenset(self.token_to_id[t] for t in SPECIAL_TOKENS)
+        self._layout_ids = frozenset((self.pad_token_id, self.cls_token_id, self.sep_token_id))
         self._tagger = None  # built on first use, so the object pickles to Ray workers cheaply
         self._wordpiece = None
         self._cache: dict[str, tuple[tuple[int, ...], tuple[bool, ...]]] = {}
@@ -167,8 +168,8 @@ class JapaneseTokenizer:
         return [self.vocab[i] for i in ids]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Join pieces without spaces and without '##' (Japanese is written without spaces)."""
-        tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self.special_ids)]
+        """Join pieces without spaces or '##' (Japanese has no spaces); skips [PAD] [CLS] [SEP], keeps [UNK]."""
+        tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self._layout_ids)]
         return "".join(t[2:] if t.startswith("##") else t for t in tokens)
 
     def _extend_with_words(self, words: list[str], ids: list[int], starts: list[bool]) -> None:

@@ -1,0 +1,123 @@
+"""`jbert vocab` end to end on a local Ray: real Japanese text, planted bad records, clear errors."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from jbert_ray.cli import main
+from jbert_ray.tokenizer import JapaneseTokenizer
+from tests.conftest import REPO, read_sample
+
+pytestmark = pytest.mark.ray
+
+BAD_LINES = [  # (raw jsonl line, reason it must be rejected with)
+    (b'{"text": "\xff\xfe\xfd"}', "invalid_utf8"),
+    (b'{"text": "unterminated', "invalid_json"),
+    (b'{"body": "no text field"}', "missing_field"),
+    (b'{"text": ["a", "list"]}', "not_text"),
+    (b'{"text": "   "}', "empty"),
+    (b'{"text": "English only, no kana or kanji"}', "no_japanese"),
+    (b'{"text": "\\u0000\\u0001\\u0002\\u0003\\u0004"}', "binary"),
+]
+
+
+@pytest.fixture(scope="module")
+def planted_corpus(tmp_path_factory):
+    """jsonl.gz with bad lines planted between real records, a .txt file and a parquet file."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = read_sample(1500)
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts[:1000]]
+    for i, (line, _) in enumerate(BAD_LINES):
+        lines.insert(100 * (i + 1), line)
+    (root / "part1.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    (root / "part2.txt").write_text("\n".join(texts[1000:1300]) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": texts[1300:1500]}), root / "part3.parquet")
+    return root
+
+
+def test_vocab_counts_every_record_and_keeps_rejects(ray_cluster, planted_corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert main(["vocab", "--input", str(planted_corpus), "--out", str(out), "--vocab-size", "3000",
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "vocab_summary.json").read_text())
+    assert summary["records_read"] == 1500 + len(BAD_LINES)
+    assert summary["records_kept"] + summary["records_rejected"] == summary["records_read"]
+    assert summary["rejects_by_reason"] == {reason: 1 for _, reason in BAD_LINES}
+    rejects = [json.loads(line) for line in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejects) == sorted(reason for _, reason in BAD_LINES)
+    assert all(r["record_id"].startswith(str(planted_corpus)) for r in rejects)
+    assert summary["vocab_size"] == 3000
+    printed = capsys.readouterr().out
+    assert "read 1,507 records, kept 1,500, rejected 7" in printed and "vocab size 3,000" in printed
+
+
+def test_trained_vocab_loads_in_transformers_and_matches_our_ids(ray_cluster, planted_corpus, tmp_path):
+    out = tmp_path / "tok"
+    main(["vocab", "--input", str(planted_corpus / "part2.txt"), "--out", str(out), "--vocab-size", "2000",
+          "--no-progress"])
+    reference = AutoTokenizer.from_pretrained(out)
+    ours = JapaneseTokenizer.from_pretrained(out)
+    texts = read_sample(1300)[1000:]
+    assert type(reference).__name__ == "BertJapaneseTokenizer"
+    assert [e.ids for e in ours.encode_batch(texts)] == reference(texts)["input_ids"]
+    assert ours.unk_token_id not in ours.encode(texts[0]).ids  # trained on these very texts
+
+
+def test_non_empty_output_needs_overwrite(ray_cluster, planted_corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "vocab.txt").write_text("old\n")
+    args = ["vocab", "--input", str(planted_corpus / "part2.txt"), "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--vocab-size", "1000"]) == 0
+    assert (out / "vocab.txt").read_text() != "old\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "corpus not found"), (b"", "is empty"), (b"{oops\n" * 5, "all 5 records were rejected")],
+)
+def test_bad_corpus_is_one_clear_error_line(ray_cluster, tmp_path, capsys, content, message):
+    corpus = tmp_path / "corpus.jsonl"
+    if content is not None:
+        corpus.write_bytes(content)
+    assert main(["vocab", "--input", str(corpus), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_unwritable_output_is_a_clear_error(ray_cluster, planted_corpus, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["vocab", "--input", str(planted_corpus), "--out", str(blocker / "sub"), "--no-progress"]) == 2
+    assert "cannot write to output" in capsys.readouterr().err
+
+
+def test_cli_user_errors_exit_2_without_traceback_and_without_starting_ray(tmp_path):
+    cases = [
+        ["-m", "jobs.build_vocab", "--input", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")],
+        ["-m", "jbert_ray.cli", "tokenize", "--tokenizer", str(tmp_path), "東京"],
+    ]
+    for args in cases:
+        result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_help_documents_the_commands():
+    result = subprocess.run([sys.executable, "-m", "jobs.build_vocab", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--vocab-size" in result.stdout and "--input" in result.stdout
+
+
+def test_tokenize_command_shows_words(tokenizer_dir, capsys):
+    assert main(["tokenize", "--tokenizer", str(tokenizer_dir), "--json", "東京は日本の首都です。"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["tokens"][0] == "[CLS]" and len(record["ids"]) == len(record["word_start"])

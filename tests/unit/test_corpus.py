@@ -1,0 +1,53 @@
+"""Corpus record parsing and path resolution (no Ray)."""
+
+import pytest
+
+from jbert_ray import text as T
+from jbert_ray.corpus import corpus_format, parse_line, resolve_paths
+from jbert_ray.errors import UserError
+
+LINE_CASES = [  # (line, format, expected (record id, text, reason))
+    ('{"text": "東京は首都です。"}'.encode(), "jsonl", (None, "東京は首都です。", "")),
+    ('{"text": "東京", "id": 7}'.encode(), "jsonl", ("7", "東京", "")),
+    (b'{"text": "\xff\xfe broken"}', "jsonl", (None, '{"text": "\ufffd\ufffd broken"}', T.REJECT_INVALID_UTF8)),
+    (b'{"text": "unterminated', "jsonl", (None, '{"text": "unterminated', T.REJECT_INVALID_JSON)),
+    (b'{"body": "x"}', "jsonl", (None, '{"body": "x"}', T.REJECT_MISSING_FIELD)),
+    (b'["text"]', "jsonl", (None, '["text"]', T.REJECT_MISSING_FIELD)),
+    (b'{"text": 42}', "jsonl", (None, '{"text": 42}', T.REJECT_NOT_TEXT)),
+    ("一行一文書".encode(), "txt", (None, "一行一文書", "")),
+]
+
+
+@pytest.mark.parametrize("line, fmt, expected", LINE_CASES)
+def test_parse_line(line, fmt, expected):
+    assert parse_line(line, fmt, "text", "id") == expected
+
+
+@pytest.mark.parametrize(
+    "name, fmt",
+    [("a.jsonl", "jsonl"), ("a.jsonl.gz", "jsonl"), ("a.json", "jsonl"), ("a.parquet", "parquet"),
+     ("a.txt", "txt"), ("a.txt.bz2", "txt"), ("README", "txt")],
+)
+def test_corpus_format_from_file_name(name, fmt):
+    assert corpus_format(name) == fmt
+
+
+def test_resolve_folder_and_glob(tmp_path):
+    for name in ["b.jsonl", "a.txt", "sub/c.jsonl.gz", ".hidden.jsonl", "_SUCCESS", "notes.md"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    files, _ = resolve_paths(str(tmp_path))
+    assert [f.removeprefix(str(tmp_path)) for f in files] == ["/a.txt", "/b.jsonl", "/sub/c.jsonl.gz"]
+    files, _ = resolve_paths(str(tmp_path / "*.jsonl"))
+    assert [f.removeprefix(str(tmp_path)) for f in files] == ["/b.jsonl"]
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="corpus not found"):
+        resolve_paths(str(tmp_path / "nope.jsonl"))
+
+
+def test_folder_without_corpus_files_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(UserError, match="no corpus files"):
+        resolve_paths(str(tmp_path))
