@@ -40,6 +40,26 @@ def tokenizer_dir(tmp_path_factory, sample_texts) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A randomly initialised tiny BertForMaskedLM (hidden 64, 2 layers) + the test tokenizer, as a model dir."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from jbert_ray.checkpoint import save_model_dir
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_model")
+    save_model_dir(path, BertForMaskedLM(config), tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local 2-CPU Ray for the whole test session (start-up costs ~5 s)."""
     import ray
