@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_vocab(commands)
     _add_tokenize(commands)
+    _add_demo(commands)
     return parser
 
 
@@ -159,6 +160,28 @@ def _group_words(tokens: list[str], word_start: list[bool]) -> list[str]:
         else:
             words[-1] += " " + token
     return words
+
+
+def _add_demo(commands) -> None:
+    sub = _command(
+        commands, "demo", "Run the whole path on the bundled Japanese sample with a local Ray.", _run_demo
+    )
+    sub.add_argument("--work-dir", default="runs/demo", help="where artifacts go; a re-run reuses them")
+    _add_ray_flags(sub)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    import ray
+
+    from jbert_ray.demo import run_demo
+
+    init_ray(args.num_cpus, show_progress=not args.no_progress)
+    try:
+        artifacts = run_demo(args.work_dir, show_progress=not args.no_progress)
+    finally:
+        ray.shutdown()
+    for name, path in artifacts.items():
+        print(f"[demo] {name:<10} {path}")
 
 
 def init_ray(num_cpus: int | None = None, show_progress: bool = True) -> None:
