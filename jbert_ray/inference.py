@@ -1,0 +1,269 @@
+"""The one inference core: fill-mask and pseudo-log-likelihood (PLL) scoring with a loaded model directory.
+
+PLL follows Salazar et al. 2020, "Masked Language Model Scoring" (mask each token in turn, sum log p(token));
+the "pll-word-l2r" variant also masks the rest of the token's MeCab word to its right (Kauf & Ivanova 2023,
+"A Better Way to Do Masked Language Model Scoring"). Masked copies of many texts are bucketed by length and packed
+into large batches, and the output layer runs only at the positions read. Serve replicas and the offline scorer
+both use `MaskedLM`, so this module alone decides what the model predicts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+
+import numpy as np
+
+from jbert_ray.errors import UserError
+from jbert_ray.tokenizer import Encoding, JapaneseTokenizer
+
+PLL_METHODS = ("pll", "pll-word-l2r")
+LONG_TEXT_POLICIES = ("window", "error")
+
+
+class Candidate(TypedDict):
+    token: str  # the piece without the "##" continuation prefix
+    token_id: int
+    score: float  # softmax probability over the whole vocabulary (as transformers' fill-mask pipeline)
+
+
+class TextScore(TypedDict):
+    pll: float  # sum of token_pll (natural log); 0.0 for a text without tokens
+    n_tokens: int  # tokens scored ([CLS]/[SEP] excluded)
+    token_pll: list[float]  # log p(token | rest) per token, in text order
+    tokens: list[str]  # the WordPiece pieces scored, as in the vocabulary ("##" kept)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    max_batch_tokens: int = 0  # padded tokens (B × T) per forward; 0 = 8192 on CPU, 65536 on GPU
+    max_batch_size: int = 512  # sequences per forward, whatever their length
+    long_text: str = "window"  # longer than max_length: "window" (sliding windows) or "error" (TextTooLongError)
+    window_stride: int = 0  # tokens between window starts; 0 = half a window (every token keeps ≥ ¼ context)
+    max_length: int = 0  # tokens incl. [CLS]/[SEP]; 0 = min(model max positions, tokenizer model_max_length)
+
+    def __post_init__(self):
+        if self.long_text not in LONG_TEXT_POLICIES:
+            raise UserError(f"long_text={self.long_text!r}; use one of {LONG_TEXT_POLICIES}")
+        if min(self.max_batch_tokens, self.max_batch_size - 1, self.window_stride, self.max_length) < 0:
+            raise UserError("max_batch_tokens, window_stride and max_length must be ≥ 0, max_batch_size ≥ 1")
+
+
+class TextTooLongError(UserError):
+    """A text has more tokens than the model takes, and the long-text policy is "error"."""
+
+
+@dataclass(frozen=True)
+class _Copy:
+    seq: int  # index into the list of distinct input sequences
+    mask_at: tuple[int, ...]  # positions set to [MASK] in this copy
+    read_at: tuple[int, ...]  # positions whose output distribution is computed
+
+
+class MaskedLM:
+    """A BERT masked LM and its tokenizer, loaded once; batched fill-mask and PLL scoring."""
+
+    def __init__(self, model, tokenizer: JapaneseTokenizer, config: InferenceConfig = InferenceConfig(),
+                 model_dir: str | None = None):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_dir = model_dir
+        self.device = next(model.parameters()).device
+        self.vocab_size = tokenizer.vocab_size
+        positions = model.config.max_position_embeddings
+        self.max_length = min(config.max_length or positions, positions, tokenizer.model_max_length)
+        if self.max_length < 3:
+            raise UserError(f"max_length {self.max_length} leaves no room for a token between [CLS] and [SEP]")
+        on_gpu = self.device.type != "cpu"
+        self.max_batch_tokens = max(config.max_batch_tokens or (65536 if on_gpu else 8192), self.max_length)
+        self._torch = torch
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, device: str = "auto", dtype=None,
+                        config: InferenceConfig = InferenceConfig()) -> MaskedLM:
+        """Load a model directory (ours or a Tohoku-style HF Japanese BERT) on "cpu", "cuda" or "auto"."""
+        from jbert_ray.checkpoint import load_model_dir
+
+        model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
+        return cls(model, tokenizer, config, model_dir=os.path.abspath(model_dir))
+
+    def encode(self, texts: Sequence[str]) -> list[Encoding]:
+        """Token ids and word starts with [CLS]/[SEP] (NFKC and MeCab as the tokenizer directory says)."""
+        return self.tokenizer.encode_batch(texts)
+
+    # ---- fill-mask ----
+
+    def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[list[list[Candidate]]]:
+        """For every [MASK] of every text, the top_k tokens by probability (a text without [MASK] gives [])."""
+        if not 1 <= top_k <= self.vocab_size:
+            raise UserError(f"top_k must be between 1 and the vocabulary size {self.vocab_size}, not {top_k}")
+        texts = _as_texts(texts)
+        encodings = self.encode(texts)
+        sequences, copies, owners = [], [], []  # owners[c] = (text index, mask index of the first read)
+        for text_index, encoding in enumerate(encodings):
+            content = encoding.ids[1:-1]
+            masks = [i for i, token_id in enumerate(content) if token_id == self.tokenizer.mask_token_id]
+            for start, read in self._fill_mask_windows(text_index, content, masks):
+                sequences.append(self._with_specials(content[start:start + self.max_length - 2]))
+                copies.append(_Copy(len(sequences) - 1, (), tuple(p - start + 1 for p in read)))
+                owners.append((text_index, masks.index(read[0])))
+        mask_id = self.tokenizer.mask_token_id
+        results: list[list[list[Candidate]]] = [[[] for i in e.ids if i == mask_id] for e in encodings]
+        for copy_indices, logits, offsets in self._logits_at(sequences, copies):
+            probs, ids = self._torch.softmax(logits, dim=-1).topk(top_k, dim=-1)  # (M, k)
+            probs, ids = probs.tolist(), ids.tolist()
+            for copy_index, offset in zip(copy_indices, offsets):
+                text_index, first_mask = owners[copy_index]
+                for j in range(len(copies[copy_index].read_at)):
+                    results[text_index][first_mask + j] = [
+                        Candidate(token=self._piece(i), token_id=i, score=p)
+                        for i, p in zip(ids[offset + j], probs[offset + j])
+                    ]
+        return results
+
+    def _fill_mask_windows(self, text_index: int, content: list[int], masks: list[int]):
+        """(window start, mask positions read in that window) for one text's content tokens."""
+        width = self.max_length - 2
+        if not masks:
+            return []
+        if len(content) <= width:
+            return [(0, masks)]
+        self._check_long(text_index, len(content))
+        windows: dict[int, list[int]] = {}
+        for p in masks:  # each [MASK] is read in a window centred on it; the other [MASK]s stay masked
+            windows.setdefault(min(max(p - width // 2, 0), len(content) - width), []).append(p)
+        return sorted(windows.items())
+
+    # ---- pseudo-log-likelihood ----
+
+    def score(self, texts: Sequence[str], method: str = "pll") -> list[TextScore]:
+        """PLL of each text: mask each token in turn (with "pll-word-l2r", also the rest of its word)."""
+        if method not in PLL_METHODS:
+            raise UserError(f"unknown scoring method {method!r}; use one of {PLL_METHODS}")
+        texts = _as_texts(texts)
+        encodings = self.encode(texts)
+        sequences, copies, targets, owners = [], [], [], []  # owners[c] = (text index, token index)
+        for text_index, encoding in enumerate(encodings):
+            content, starts = encoding.ids[1:-1], encoding.word_start[1:-1]
+            word_end = _word_ends(starts) if method == "pll-word-l2r" else range(1, len(content) + 1)
+            for start, tokens in self._score_windows(text_index, len(content)):
+                sequences.append(self._with_specials(content[start:start + self.max_length - 2]))
+                window_end = start + self.max_length - 2
+                for j in tokens:
+                    masked = range(j - start + 1, min(word_end[j], window_end) - start + 1)
+                    copies.append(_Copy(len(sequences) - 1, tuple(masked), (j - start + 1,)))
+                    targets.append(content[j])
+                    owners.append((text_index, j))
+        token_pll = [[0.0] * (len(e.ids) - 2) for e in encodings]
+        target_ids = self._torch.tensor(targets, dtype=self._torch.long, device=self.device)
+        for copy_indices, logits, _ in self._logits_at(sequences, copies):
+            log_probs = self._torch.log_softmax(logits, dim=-1)  # (M, V), one read per copy
+            index = self._torch.as_tensor(copy_indices, device=self.device)
+            picked = log_probs.gather(1, target_ids[index].unsqueeze(1)).squeeze(1).tolist()
+            for copy_index, value in zip(copy_indices, picked):
+                text_index, j = owners[copy_index]
+                token_pll[text_index][j] = value
+        return [
+            TextScore(pll=float(sum(values)), n_tokens=len(values), token_pll=values,
+                      tokens=self.tokenizer.convert_ids_to_tokens(e.ids[1:-1]))
+            for values, e in zip(token_pll, encodings)
+        ]
+
+    def _score_windows(self, text_index: int, length: int) -> list[tuple[int, list[int]]]:
+        """(window start, content positions scored in it): each token once, in the window where it is most central."""
+        width = self.max_length - 2
+        if length <= width:
+            return [(0, list(range(length)))] if length else []
+        self._check_long(text_index, length)
+        stride = min(self.config.window_stride or max(width // 2, 1), width)
+        starts = list(range(0, length - width, stride)) + [length - width]
+        owned: dict[int, list[int]] = {s: [] for s in starts}
+        for j in range(length):
+            owned[min(starts, key=lambda s: (abs(s + (width - 1) / 2 - j), s))].append(j)
+        return [(s, tokens) for s, tokens in owned.items() if tokens]
+
+    # ---- the batched forward ----
+
+    def _logits_at(self, sequences: list[list[int]], copies: list[_Copy]
+                   ) -> Iterator[tuple[list[int], object, list[int]]]:
+        """Yield (copy indices, float32 logits at their read positions (M, V), row offset of each copy).
+
+        Copies are sorted by length and packed under max_batch_tokens (length bucketing), so padding stays small;
+        the encoder runs on whole sequences, the MLM head only on the M rows read.
+        """
+        torch = self._torch
+        order = sorted(range(len(copies)), key=lambda c: (len(sequences[copies[c].seq]), copies[c].seq))
+        with torch.inference_mode():
+            for batch in self._buckets(order, [len(sequences[c.seq]) for c in copies]):
+                width = len(sequences[copies[batch[-1]].seq])
+                input_ids = np.full((len(batch), width), self.tokenizer.pad_token_id, dtype=np.int64)
+                attention_mask = np.zeros((len(batch), width), dtype=np.int64)
+                rows, cols, offsets = [], [], []
+                for b, c in enumerate(batch):
+                    copy = copies[c]
+                    sequence = sequences[copy.seq]
+                    input_ids[b, :len(sequence)] = sequence
+                    attention_mask[b, :len(sequence)] = 1
+                    input_ids[b, list(copy.mask_at)] = self.tokenizer.mask_token_id
+                    offsets.append(len(rows))
+                    rows.extend([b] * len(copy.read_at))
+                    cols.extend(copy.read_at)
+                hidden = self.model.bert(
+                    input_ids=torch.from_numpy(input_ids).to(self.device),
+                    attention_mask=torch.from_numpy(attention_mask).to(self.device),
+                ).last_hidden_state  # (B, T, H)
+                picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+                yield batch, self.model.cls(picked).float(), offsets  # (M, V)
+
+    def _buckets(self, order: list[int], lengths: list[int]) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for c in order:  # ascending length: the copy being added is the longest so far
+            if batch and ((len(batch) + 1) * lengths[c] > self.max_batch_tokens
+                          or len(batch) >= self.config.max_batch_size):
+                yield batch
+                batch = []
+            batch.append(c)
+        if batch:
+            yield batch
+
+    # ---- helpers ----
+
+    def _with_specials(self, content: list[int]) -> list[int]:
+        return [self.tokenizer.cls_token_id, *content, self.tokenizer.sep_token_id]
+
+    def _piece(self, token_id: int) -> str:
+        token = self.tokenizer.vocab[token_id] if token_id < self.vocab_size else "[UNK]"
+        return token[2:] if token.startswith("##") and len(token) > 2 else token
+
+    def _check_long(self, text_index: int, length: int) -> None:
+        if self.config.long_text == "error":
+            raise TextTooLongError(
+                f"text {text_index} has {length + 2} tokens; the model takes at most {self.max_length} "
+                "(shorten it, or use long_text='window')"
+            )
+
+
+def _as_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise UserError("pass a list of texts, not a single string")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(f"text {bad} is a {type(texts[bad]).__name__}, not a string")
+    return texts
+
+
+def _word_ends(word_start: list[bool]) -> list[int]:
+    """For each token, the index one past the last piece of its word."""
+    ends = [0] * len(word_start)
+    end = len(word_start)
+    for i in range(len(word_start) - 1, -1, -1):
+        ends[i] = end
+        if word_start[i]:
+            end = i
+    return ends

@@ -1,0 +1,188 @@
+"""MaskedLM (fill-mask, PLL scoring) and model directories, on the tiny random model; no Ray."""
+
+import json
+
+import pytest
+import torch
+
+from jbert_ray.checkpoint import load_model_dir, save_model_dir
+from jbert_ray.errors import UserError
+from jbert_ray.inference import InferenceConfig, MaskedLM, TextTooLongError
+
+FILL_MASK_TEXTS = [
+    "東京は日本の[MASK]です。",
+    "今日は[MASK]が降っているので、[MASK]を持って出かけた。",
+    "[MASK]",
+    "吾輩は猫である。名前はまだ[MASK]。",
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir) -> MaskedLM:
+    return MaskedLM.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def short_texts(sample_texts, lm) -> list[str]:
+    """Sample sentences of 8–60 tokens, so the naive reference stays quick."""
+    return [t for t in sample_texts[:400] if 8 <= len(lm.encode([t])[0].ids) <= 60][:12]
+
+
+def naive_pll(lm: MaskedLM, text: str, word_l2r: bool = False) -> list[float]:
+    """The reference: one full forward per masked position, batch 1, full output layer."""
+    encoding = lm.encode([text])[0]
+    ids, starts, out = encoding.ids, encoding.word_start, []
+    for j in range(1, len(ids) - 1):
+        masked = list(ids)
+        k = j
+        while k == j or (word_l2r and k < len(ids) - 1 and not starts[k]):
+            masked[k] = lm.tokenizer.mask_token_id
+            k += 1
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([masked])).logits[0, j]
+        out.append(torch.log_softmax(logits, -1)[ids[j]].item())
+    return out
+
+
+# ---- model directories ----
+
+
+def test_saved_model_dir_reloads_with_identical_logits(tmp_path, tiny_model_dir):
+    model, tokenizer = load_model_dir(tiny_model_dir)
+    save_model_dir(tmp_path, model, tokenizer)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "pytorch_model.bin").exists()
+    again, _ = load_model_dir(tmp_path)
+    ids = torch.tensor([tokenizer.encode("東京は日本の首都です。").ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert again.config._attn_implementation == "sdpa" and not again.training
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "no config.json"),
+        ({"config.json": "{"}, "not a valid JSON"),
+        ({"config.json": json.dumps({"model_type": "gpt2"})}, "BERT models only"),
+        ({"config.json": json.dumps({"model_type": "bert"})}, "no model.safetensors"),
+        ({"config.json": json.dumps({"model_type": "bert"}), "pytorch_model.bin": "x"}, "does not unpickle"),
+    ],
+)
+def test_load_rejects_what_is_not_a_model_dir(tmp_path, files, message):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_model_dir(tmp_path)
+
+
+def test_load_rejects_a_hub_name():
+    with pytest.raises(UserError, match="does not exist"):
+        MaskedLM.from_pretrained("tohoku-nlp/bert-base-japanese-v3")
+
+
+# ---- fill-mask ----
+
+
+def test_fill_mask_matches_the_transformers_pipeline(lm, tiny_model_dir):
+    from transformers import pipeline
+
+    fill_mask = pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
+    ours = lm.fill_mask(FILL_MASK_TEXTS, top_k=5)
+    for text, per_mask in zip(FILL_MASK_TEXTS, ours):
+        theirs = fill_mask(text, top_k=5)
+        theirs = [theirs] if isinstance(theirs[0], dict) else theirs  # one [MASK] → a flat list
+        assert len(per_mask) == len(theirs) == text.count("[MASK]")
+        for candidates, reference in zip(per_mask, theirs):
+            assert candidates[0]["token_id"] == reference[0]["token"]
+            assert [c["score"] for c in candidates] == pytest.approx([r["score"] for r in reference], abs=1e-5)
+
+
+def test_fill_mask_returns_top_k_per_mask_without_continuation_prefix(lm):
+    results = lm.fill_mask(["[MASK]は[MASK]。", "マスクなし"], top_k=50)
+    assert [len(r) for r in results] == [2, 0]
+    for candidates in results[0]:
+        assert len(candidates) == 50
+        scores = [c["score"] for c in candidates]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+        assert not any(c["token"].startswith("##") for c in candidates)
+
+
+def test_fill_mask_is_independent_of_batch_packing(tiny_model_dir, lm):
+    small = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_batch_tokens=1, max_batch_size=1))
+    for ours, theirs in zip(lm.fill_mask(FILL_MASK_TEXTS, 3), small.fill_mask(FILL_MASK_TEXTS, 3)):
+        for a, b in zip(ours, theirs):
+            assert [c["token_id"] for c in a] == [c["token_id"] for c in b]
+            assert [c["score"] for c in a] == pytest.approx([c["score"] for c in b], abs=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [0, 100_000])
+def test_fill_mask_rejects_top_k_out_of_range(lm, top_k):
+    with pytest.raises(UserError, match="top_k"):
+        lm.fill_mask(["[MASK]"], top_k=top_k)
+
+
+def test_a_single_string_is_rejected(lm):
+    with pytest.raises(UserError, match="list of texts"):
+        lm.score("東京")
+
+
+# ---- PLL scoring ----
+
+
+@pytest.mark.parametrize("method", ["pll", "pll-word-l2r"])
+def test_score_equals_the_naive_one_forward_per_position_reference(lm, short_texts, method):
+    scores = lm.score(short_texts, method=method)
+    for text, result in zip(short_texts, scores):
+        reference = naive_pll(lm, text, word_l2r=method == "pll-word-l2r")
+        assert result["token_pll"] == pytest.approx(reference, abs=1e-4)
+        assert result["pll"] == pytest.approx(sum(reference), abs=1e-3)
+        assert result["n_tokens"] == len(result["tokens"]) == len(reference)
+
+
+def test_word_l2r_differs_only_on_words_of_several_pieces(lm, short_texts):
+    plain, word = lm.score(short_texts), lm.score(short_texts, method="pll-word-l2r")
+    for text, a, b in zip(short_texts, plain, word):
+        starts = lm.encode([text])[0].word_start[1:-1]
+        last_piece = [i + 1 == len(starts) or starts[i + 1] for i in range(len(starts))]
+        for i, is_last in enumerate(last_piece):
+            if is_last:  # nothing of its word to the right: the same masked copy
+                assert a["token_pll"][i] == pytest.approx(b["token_pll"][i], abs=1e-5)
+
+
+def test_empty_text_scores_zero(lm):
+    assert lm.score(["", "東京"])[0] == {"pll": 0.0, "n_tokens": 0, "token_pll": [], "tokens": []}
+
+
+# ---- long texts: an explicit policy, never silent truncation ----
+
+
+def test_long_text_is_scored_in_windows_covering_every_token(tiny_model_dir, sample_texts):
+    windowed = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_length=32))
+    ids = windowed.encode(["".join(sample_texts[:10])])[0].ids
+    assert len(ids) > 100
+    result = windowed.score(["".join(sample_texts[:10])])[0]
+    assert result["n_tokens"] == len(ids) - 2 and all(v < 0 for v in result["token_pll"])
+    # The first and last tokens are read in the first and last windows (30 content tokens + [CLS]/[SEP]).
+    tokenizer = windowed.tokenizer
+    for window, position, index in [(ids[:31] + [tokenizer.sep_token_id], 1, 0),
+                                    ([tokenizer.cls_token_id] + ids[-31:], 30, -1)]:
+        masked = list(window)
+        masked[position] = tokenizer.mask_token_id
+        with torch.no_grad():
+            logits = windowed.model(torch.tensor([masked])).logits[0, position]
+        expected = torch.log_softmax(logits, -1)[window[position]].item()
+        assert result["token_pll"][index] == pytest.approx(expected, abs=1e-4)
+
+
+def test_long_text_policy_error_names_the_text(tiny_model_dir, sample_texts):
+    strict = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_length=32, long_text="error"))
+    with pytest.raises(TextTooLongError, match="text 1 has .* tokens; the model takes at most 32"):
+        strict.score(["短い。", "".join(sample_texts[:5])])
+
+
+def test_fill_mask_on_a_long_text_reads_each_mask_in_its_own_window(tiny_model_dir, sample_texts):
+    windowed = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_length=32))
+    long_text = "".join(sample_texts[:5])
+    text = "[MASK]" + long_text + "[MASK]" + long_text + "[MASK]"
+    results = windowed.fill_mask([text], top_k=2)[0]
+    assert len(results) == 3 and all(len(candidates) == 2 for candidates in results)
