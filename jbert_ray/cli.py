@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_vocab(commands)
+    _add_preprocess(commands)
     _add_tokenize(commands)
     _add_demo(commands)
     return parser
@@ -124,6 +125,77 @@ def _run_vocab(args: argparse.Namespace) -> None:
         f"rejected {summary['records_rejected']:,} ({rejected}); {summary['words']:,} words "
         f"({summary['unique_words']:,} distinct); vocab size {summary['vocab_size']:,}; "
         f"{summary['seconds']:.1f} s → {args.out}"
+    )
+
+
+def _add_preprocess(commands) -> None:
+    sub = _command(
+        commands, "preprocess",
+        "Tokenize and pack a corpus into parquet shards (train/, valid/, manifest.json) for pretraining.",
+        _run_preprocess,
+    )  # fmt: skip
+    _add_corpus_flags(sub)
+    sub.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="tokenizer directory")
+    sub.add_argument("--out", required=True, metavar="SHARDS_DIR", help="output directory for the shards")
+    sub.add_argument("--max-seq-len", type=int, default=128, help="tokens per row incl. [CLS] and [SEP]s")
+    sub.add_argument("--id-field", default=None, help="JSON field / column with document ids (None: file:line)")
+    sub.add_argument(
+        "--pack-across-docs", action="store_true",
+        help="let a row continue with the next document (otherwise every row holds one document)",
+    )
+    sub.add_argument(
+        "--valid-fraction", type=float, default=0.0,
+        help="share of documents (chosen by a hash of their id) written to valid/",
+    )
+    sub.add_argument(
+        "--static-masking", type=int, default=0, metavar="K",
+        help="also write K masked copies of every row to static/ (fixed masks; otherwise masks are drawn at training time)",
+    )
+    sub.add_argument("--seed", type=int, default=0, help="seed of the static masking draws")
+    sub.add_argument("--num-actors", type=int, default=0, help="tokenizer actors (0 = one per cluster CPU)")
+    sub.add_argument("--batch-size", type=int, default=2048, help="records per actor call (= per shard file)")
+    sub.add_argument("--max-record-chars", type=int, default=1_000_000, help="longer records are rejected")
+    runs = sub.add_mutually_exclusive_group()
+    runs.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    runs.add_argument("--resume", action="store_true", help="finish an interrupted run (same settings)")
+    _add_ray_flags(sub)
+
+
+def _run_preprocess(args: argparse.Namespace) -> None:
+    from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+    from jbert_ray.text import TextConfig
+
+    config = PreprocessConfig(
+        input=args.input,
+        tokenizer_dir=args.tokenizer,
+        output_dir=args.out,
+        max_seq_len=args.max_seq_len,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        text=TextConfig(
+            normalization=args.normalization,
+            require_japanese=not args.keep_non_japanese,
+            max_chars=args.max_record_chars,
+        ),
+        pack_across_docs=args.pack_across_docs,
+        valid_fraction=args.valid_fraction,
+        static_masking=args.static_masking,
+        seed=args.seed,
+        num_actors=args.num_actors,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        show_progress=not args.no_progress,
+    )
+    init_ray(args.num_cpus, show_progress=not args.no_progress)
+    m = run_preprocess(config)
+    rejected = ", ".join(f"{k}={v:,}" for k, v in sorted(m["rejects_by_reason"].items())) or "none"
+    splits = "; ".join(f"{name}: {s['sequences']:,} rows, {s['tokens']:,} tokens" for name, s in m["splits"].items())
+    print(
+        f"preprocess: read {m['records_read']:,} records, kept {m['records_kept']:,}, rejected "
+        f"{m['records_rejected']:,} ({rejected}); {m['documents']:,} documents, {m['sentences']:,} sentences → "
+        f"{m['sequences']:,} rows of ≤{m['max_seq_len']} tokens ({splits}); padding waste "
+        f"{m['padding_waste']:.1%}; {m.get('seconds', 0):.1f} s → {args.out}"
     )
 
 

@@ -49,15 +49,15 @@ class Packer:
         if self._ids and len(self._ids) + len(ids) + 1 > self.max_seq_len:
             self.flush()
         capacity = self.max_seq_len - 2  # room for one piece in a fresh row: [CLS] piece [SEP]
+        start = 0
         if len(ids) > capacity:
             self.split_sentences += 1
-            ids, word_start = list(ids), list(word_start)
-            while len(ids) > capacity:
-                cut = split_point(word_start, capacity)
-                self._append(ids[:cut], word_start[:cut], doc_id)
+            while len(ids) - start > capacity:  # an offset, not re-slicing: linear in the sentence length
+                cut = start + split_point(word_start[start : start + capacity + 1], capacity)
+                self._append(ids[start:cut], word_start[start:cut], doc_id)
                 self.flush()
-                ids, word_start = ids[cut:], word_start[cut:]
-        self._append(ids, word_start, doc_id)
+                start = cut
+        self._append(ids[start:] if start else ids, word_start[start:] if start else word_start, doc_id)
 
     def flush(self) -> None:
         """Close the current row (a document ends, or the next sentence does not fit)."""

@@ -1,0 +1,340 @@
+"""Corpus → packed, tokenized parquet shards for BERT pretraining, streamed through Ray Data.
+
+Ray Data reads the corpus (jbert_ray.corpus); an actor pool cleans, splits sentences, tokenizes (one MeCab tagger
+per actor) and packs `[CLS] s1 [SEP] s2 [SEP] …` rows (jbert_ray.packing); each actor writes its batch's shards
+into the staging area and records the batch as done (jbert_ray.shards). The driver only sees one small summary row
+per batch, so memory stays flat however large the corpus. Output layout and manifest: see `run_preprocess`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from jbert_ray.corpus import read_corpus, resolve_paths
+from jbert_ray.errors import UserError
+from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split, padding_waste
+from jbert_ray.progress import Progress
+from jbert_ray.resources import ACTOR_CPUS, actor_pool
+from jbert_ray.shards import ShardsDir, batch_key, file_sha256, line_ranges, merge_ranges
+from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
+from jbert_ray.tokenizer import JapaneseTokenizer
+
+SPLITS = ("train", "valid")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+_REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
+# Settings that shape the shards: a resumed run must match them (the rest, e.g. num_actors, may change).
+_OUTPUT_SHAPING = (
+    "input", "text_field", "id_field", "text", "max_seq_len", "pack_across_docs", "valid_fraction",
+    "static_masking", "seed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    tokenizer_dir: str  # a tokenizer directory (`jbert vocab` output or a Tohoku-style HF one)
+    output_dir: str  # SHARDS: train/, valid/, tokenizer/, rejects/, manifest.json
+    max_seq_len: int = 128  # tokens per row including [CLS] and the [SEP]s (BERT phase 1 uses 128)
+    text_field: str = "text"  # JSON field / parquet column holding the text
+    id_field: str | None = None  # field giving document ids; default: file:line
+    text: TextConfig = field(default_factory=TextConfig)
+    pack_across_docs: bool = False  # let a row hold the end of one document and the start of the next
+    valid_fraction: float = 0.0  # share of documents (by a hash of their id) written to valid/
+    static_masking: int = 0  # also write K masked copies of every row to static/ (original BERT recipe)
+    seed: int = 0  # static masking draws
+    num_actors: int = 0  # tokenizer actors; 0 = one per CPU of the cluster
+    batch_size: int = 2048  # records per actor call: one shard file per split per batch
+    overwrite: bool = False  # replace an existing output directory
+    resume: bool = False  # finish an interrupted run into the same output directory
+    show_progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess settings {unknown}; valid ones: {sorted(known)}")
+        text = values.get("text", {})
+        return cls(**{**values, "text": text if isinstance(text, TextConfig) else TextConfig(**text)})
+
+
+class ShardWriter:
+    """Ray Data callable: a batch of corpus records → shard files in staging + one summary row."""
+
+    def __init__(self, config: dict, doc_root: str):
+        self.config = PreprocessConfig.from_dict(config)
+        self.tokenizer = JapaneseTokenizer.from_pretrained(self.config.tokenizer_dir)  # one tagger per actor
+        self.shards = ShardsDir(self.config.output_dir)
+        self.doc_root = doc_root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ranges = line_ranges(batch["path"], batch["line"])
+        key = batch_key(ranges)
+        doc_ids = [doc_id(r, self.doc_root) for r in batch["record_id"]]
+        rows, rejects, counts = pack_records(doc_ids, batch["text"], batch["reject"], self.tokenizer, self.config)
+        files = []
+        for split in SPLITS:
+            if rows[split]:
+                files.append(self.shards.write_table(f"{split}/part-{key}.parquet", rows_table(rows[split])))
+                for copy in range(self.config.static_masking):
+                    table = static_table(rows[split], self.tokenizer, self.config.seed, copy, key)
+                    files.append(self.shards.write_table(f"static/{split}/part-{key}-{copy}.parquet", table))
+        if rejects:
+            files.append(self.shards.write_lines(f"rejects/part-{key}.jsonl", rejects))
+        self.shards.commit(key, {"ranges": ranges, "files": files, "counts": counts})
+        return {name: np.array([counts[name]]) for name in ("records_read", "records_rejected", "tokens")}
+
+
+def pack_records(
+    doc_ids: list[str], texts, reasons, tokenizer: JapaneseTokenizer, config: PreprocessConfig
+) -> tuple[dict[str, list[Packed]], list[str], dict]:
+    """Clean, split, tokenize and pack one batch of records (pure: no Ray, no I/O).
+
+    Returns (rows per split, rejects as JSON lines, counts). Each kept record is one document; documents are
+    packed on their own unless `config.pack_across_docs`.
+    """
+    packers = {s: Packer(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id) for s in SPLITS}
+    counts = new_counts()
+    rejects = []
+    for document, raw, reason in zip(doc_ids, texts, reasons):
+        raw, reason = str(raw), str(reason)
+        encodings = []
+        if not reason:
+            text, reason = clean_text(raw, config.text)
+            encodings = [] if reason else tokenizer.encode_batch(split_sentences(text), add_special_tokens=False)
+            if not reason and not any(e.ids for e in encodings):
+                reason = REJECT_EMPTY
+        if reason:
+            record = {"record_id": document, "reason": reason, "record": raw[:_REJECT_PREVIEW_CHARS]}
+            rejects.append(json.dumps(record, ensure_ascii=False))
+            counts["rejects_by_reason"][reason] = counts["rejects_by_reason"].get(reason, 0) + 1
+            continue
+        split = "valid" if in_valid_split(document, config.valid_fraction) else "train"
+        counts["splits"][split]["documents"] += 1
+        counts["sentence_tokens"] += sum(len(e.ids) for e in encodings)
+        for encoding in encodings:
+            packers[split].add(encoding.ids, encoding.word_start, document)
+        if not config.pack_across_docs:
+            packers[split].flush()
+    rows = {}
+    for split, packer in packers.items():
+        packer.flush()  # with --pack-across-docs a row never spans two batches
+        rows[split] = packer.take()
+        tally = counts["splits"][split]
+        tally["sequences"] = len(rows[split])
+        tally["tokens"] = sum(len(row.ids) for row in rows[split])
+        counts["sentences"] += packer.sentences
+        counts["sentences_split"] += packer.split_sentences
+    counts["records_read"] = len(doc_ids)
+    counts["records_rejected"] = len(rejects)
+    counts["tokens"] = sum(tally["tokens"] for tally in counts["splits"].values())
+    return rows, rejects, counts
+
+
+def rows_table(rows: list[Packed]) -> pa.Table:
+    """Rows → the shard schema: input_ids list<int32>, word_start list<bool>, doc_id, seq_index, n_tokens."""
+    lengths = np.fromiter((len(r.ids) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    ids = pa.array(np.fromiter((i for r in rows for i in r.ids), dtype=np.int32, count=int(lengths.sum())))
+    starts = pa.array([s for r in rows for s in r.word_start], pa.bool_())
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, ids),
+            "word_start": pa.ListArray.from_arrays(offsets, starts),
+            "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
+            "seq_index": pa.array([r.seq_index for r in rows], pa.int32()),
+            "n_tokens": pa.array(lengths, pa.int32()),
+        }
+    )
+
+
+def static_table(rows: list[Packed], tokenizer: JapaneseTokenizer, seed: int, copy: int, key: str) -> pa.Table:
+    """One masked copy of the rows (input_ids with masks, labels with IGNORE_INDEX) via jbert_ray.masking."""
+    from jbert_ray.masking import mask_tokens, pad_batch
+
+    ids = pad_batch([r.ids for r in rows], tokenizer.pad_token_id, dtype=np.int32)  # (B, T)
+    starts = pad_batch([r.word_start for r in rows], False, ids.shape[1], dtype=bool)  # (B, T)
+    # The draw depends on (seed, copy, batch): a resumed or retried batch gets the same masks.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, copy, zlib.crc32(key.encode())]))
+    masked, labels = mask_tokens(
+        ids, starts, vocab_size=tokenizer.vocab_size, special_ids=sorted(tokenizer.special_ids),
+        mask_id=tokenizer.mask_token_id, rng=rng,
+    )  # fmt: skip
+    lengths = np.array([len(r.ids) for r in rows], dtype=np.int32)
+    keep = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # (B, T) real tokens, row-major
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(masked[keep].astype(np.int32))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[keep].astype(np.int32))),
+            "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
+            "seq_index": pa.array([r.seq_index for r in rows], pa.int32()),
+            "n_tokens": pa.array(lengths, pa.int32()),
+            "copy": pa.array(np.full(len(rows), copy, dtype=np.int32)),
+        }
+    )
+
+
+def run_preprocess(config: PreprocessConfig) -> dict:
+    """Tokenize and pack the corpus into SHARDS; return the manifest (also written as SHARDS/manifest.json).
+
+    SHARDS/train/*.parquet (and valid/ when valid_fraction > 0): input_ids list<int32>, word_start list<bool>,
+    doc_id, seq_index, n_tokens int32; tokenizer/ (a copy); rejects/*.jsonl ({record_id, reason, record});
+    static/{train,valid}/ with --static-masking; manifest.json, written last.
+    """
+    validate(config)
+    tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
+    paths, _ = resolve_paths(config.input)
+    config = _absolute_paths(config, tokenizer_dir)
+    shards = ShardsDir.open(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    if shards.complete:  # --resume on a finished run: nothing is missing
+        shutil.rmtree(shards.staging, ignore_errors=True)
+        return shards.manifest()
+    run_config = {k: v for k, v in asdict(config).items() if k in _OUTPUT_SHAPING}
+    shards.check_run_config({**run_config, "tokenizer_sha256": tokenizer_sha})
+    done = shards.recover()
+    _copy_tokenizer(tokenizer_dir, shards.staging / "tokenizer")
+
+    progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
+    dataset = read_corpus(
+        config.input, text_field=config.text_field, id_field=config.id_field,
+        positions=True, skip=merge_ranges(done),
+    ).map_batches(
+        ShardWriter,
+        fn_constructor_kwargs={"config": asdict(config), "doc_root": _common_root(paths)},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=actor_pool(config.num_actors),  # one tokenizer (MeCab tagger) per actor
+        num_cpus=ACTOR_CPUS,
+    )  # fmt: skip
+    totals = {"records_read": 0, "records_rejected": 0, "tokens": 0}
+    for row in dataset.iter_rows():  # one small summary row per batch: the shards are already written
+        for name in totals:
+            totals[name] += int(row[name])
+        progress.update(**totals)
+
+    records = list(shards.done_records())
+    merge_ranges(records)  # raises if any input line was processed twice
+    manifest = build_manifest(records, config, tokenizer_sha, resumed=bool(done), seconds=progress.elapsed_s)
+    if manifest["records_read"] == 0:
+        raise UserError(f"corpus {config.input} is empty: no records")
+    if manifest["documents"] == 0:
+        reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(manifest["rejects_by_reason"].items()))
+        raise UserError(
+            f"corpus {config.input} has no usable text: all {manifest['records_read']:,} records were rejected "
+            f"({reasons}); see {shards.staging / 'rejects'}"
+        )
+    shards.publish(manifest)
+    return manifest
+
+
+def build_manifest(records: list[dict], config: PreprocessConfig, tokenizer_sha: str, **extra) -> dict:
+    """Sum the done records' counts into the manifest (so a resumed run counts both of its parts)."""
+    total = new_counts()
+    for record in records:
+        add_counts(total, record["counts"])
+    total["records_kept"] = total["records_read"] - total["records_rejected"]
+    total["documents"] = sum(s["documents"] for s in total["splits"].values())
+    total["sequences"] = sum(s["sequences"] for s in total["splits"].values())
+    for name, split in total["splits"].items():
+        split["padding_waste"] = round(padding_waste(split["tokens"], split["sequences"], config.max_seq_len), 4)
+        split["files"] = sum(f.startswith(f"{name}/") for r in records for f in r["files"])
+    total["padding_waste"] = round(padding_waste(total["tokens"], total["sequences"], config.max_seq_len), 4)
+    static = None
+    if config.static_masking:
+        from jbert_ray.masking import MaskingConfig
+
+        static = {"copies": config.static_masking, "seed": config.seed, "masking": asdict(MaskingConfig())}
+        static.update({split: f"static/{split}" for split in SPLITS if total["splits"][split]["sequences"]})
+    return {
+        "format": "jbert-shards/1",
+        **{k: total[k] for k in ("records_read", "records_kept", "records_rejected", "rejects_by_reason")},
+        **{k: total[k] for k in ("documents", "sentences", "sentences_split", "sequences", "tokens")},
+        "sentence_tokens": total["sentence_tokens"],  # tokens from text, without [CLS]/[SEP]
+        "padding_waste": total["padding_waste"],  # share of a batch padded to max_seq_len that is padding
+        "max_seq_len": config.max_seq_len,
+        "splits": {name: s for name, s in total["splits"].items() if name == "train" or config.valid_fraction},
+        "static_masking": static,
+        "tokenizer": "tokenizer",
+        "tokenizer_sha256": tokenizer_sha,  # sha256 of tokenizer/vocab.txt
+        "config": asdict(config),
+        "batches": len(records),
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in extra.items()},
+    }
+
+
+def new_counts() -> dict:
+    splits = {s: {"documents": 0, "sequences": 0, "tokens": 0} for s in SPLITS}
+    numbers = ("records_read", "records_rejected", "sentences", "sentences_split", "sentence_tokens", "tokens")
+    return {**dict.fromkeys(numbers, 0), "rejects_by_reason": {}, "splits": splits}
+
+
+def add_counts(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        if isinstance(value, int):
+            total[key] = total.get(key, 0) + value
+        elif key == "rejects_by_reason":
+            for reason, n in value.items():
+                total[key][reason] = total[key].get(reason, 0) + n
+        elif key == "splits":
+            for split, tally in value.items():
+                for name, n in tally.items():
+                    if isinstance(n, int):
+                        total[key][split][name] += n
+
+
+def doc_id(record_id: str, root: str) -> str:
+    """`path:line` ids relative to the corpus root, so the valid split does not depend on where it lives."""
+    record_id = str(record_id)
+    return record_id[len(root) + 1 :] if root and record_id.startswith(root + "/") else record_id
+
+
+def validate(config: PreprocessConfig) -> None:
+    if config.max_seq_len < MIN_SEQ_LEN:
+        raise UserError(f"--max-seq-len {config.max_seq_len} is too small (at least {MIN_SEQ_LEN})")
+    if not 0.0 <= config.valid_fraction < 1.0:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {config.valid_fraction}")
+    if config.static_masking < 0 or config.batch_size < 1 or config.num_actors < 0:
+        raise UserError("--static-masking, --batch-size and --num-actors cannot be negative (batch size ≥ 1)")
+
+
+def check_tokenizer(path: str) -> tuple[Path, str]:
+    """Load the tokenizer once on the driver (one clear error if it is not one); return (dir, vocab sha256)."""
+    directory = Path(path).absolute()
+    try:
+        tokenizer = JapaneseTokenizer.from_pretrained(directory)
+    except (UnicodeDecodeError, ValueError, OSError) as error:
+        raise UserError(f"{path} is not a usable tokenizer directory: {error}") from None
+    if tokenizer.vocab_size < 6:
+        raise UserError(f"{path} is not a usable tokenizer directory: its vocabulary has only special tokens")
+    return directory, file_sha256(directory / "vocab.txt")
+
+
+def _absolute_paths(config: PreprocessConfig, tokenizer_dir: Path) -> PreprocessConfig:
+    # Actors may run in another working directory: give them absolute paths.
+    values = asdict(config)
+    values["tokenizer_dir"] = str(tokenizer_dir)
+    values["output_dir"] = str(Path(config.output_dir).absolute())
+    if "://" not in config.input:
+        values["input"] = str(Path(config.input).absolute())
+    return PreprocessConfig.from_dict(values)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def _common_root(paths: list[str]) -> str:
+    return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+

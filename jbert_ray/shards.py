@@ -1,0 +1,195 @@
+"""The output directory of `jbert preprocess`: staged writes, per-batch done records for resume, and publishing.
+
+Everything is written under SHARDS/.staging (files appear by atomic rename, never half-written). Each finished
+batch leaves a done record listing the input lines it covered, its files and its counts; a resumed run skips
+those lines and deletes files no done record names. Publishing moves the staged folders into place and writes
+manifest.json last, so a directory without manifest.json is always an incomplete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from jbert_ray.errors import UserError
+
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+MARKER = ".jbert_shards"  # says "preprocess made this folder": --overwrite deletes only such folders
+PUBLISHED = ("train", "valid", "static", "rejects", "tokenizer")  # folders moved from staging on publish
+_DONE = "done"
+_RUN_CONFIG = "run_config.json"
+
+
+class ShardsDir:
+    """SHARDS/ and its staging area; safe to use from the driver and from Ray actors (plain paths)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.staging = self.root / STAGING
+
+    # ---- driver side: open, resume, publish ----
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> ShardsDir:
+        """Prepare for a run: refuse a non-empty folder unless `overwrite` (cleared) or `resume` (kept)."""
+        if overwrite and resume:
+            raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
+        shards = cls(root)
+        path = shards.root
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output {path} exists and is not a directory")
+        ours = (path / MARKER).exists() or (path / MANIFEST).exists()
+        if path.is_dir() and any(path.iterdir()):
+            if not (overwrite or resume):
+                raise UserError(
+                    f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it"
+                )
+            if not ours:
+                raise UserError(f"output {path} holds other files (no {MARKER} or {MANIFEST}); choose another --out")
+            if overwrite:
+                shards._clear()
+        try:
+            shards.staging.mkdir(parents=True, exist_ok=True)
+            (path / MARKER).touch()
+        except OSError as error:
+            raise UserError(f"cannot write to output {path}: {error.strerror or error}") from None
+        return shards
+
+    @property
+    def complete(self) -> bool:
+        return (self.root / MANIFEST).is_file()
+
+    def manifest(self) -> dict:
+        return json.loads((self.root / MANIFEST).read_text(encoding="utf-8"))
+
+    def check_run_config(self, run_config: dict) -> None:
+        """Record the settings that shape the output; a resumed run must use the same ones."""
+        path = self.staging / _RUN_CONFIG
+        if path.is_file():
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+            if changed:
+                detail = ", ".join(f"{k}: {previous.get(k)!r} → {run_config.get(k)!r}" for k in changed)
+                raise UserError(f"cannot resume {self.root}: settings differ ({detail}); use --overwrite")
+        else:
+            write_json_atomic(path, run_config)
+
+    def recover(self) -> list[dict]:
+        """Undo a half-done publish, drop files of unfinished batches; return the done records."""
+        for name in PUBLISHED:
+            if (self.root / name).exists() and not (self.staging / name).exists():
+                os.replace(self.root / name, self.staging / name)
+        records = list(self.done_records())
+        keep = {f for record in records for f in record["files"]}
+        for folder in ("train", "valid", "static", "rejects"):
+            for path in (self.staging / folder).rglob("*"):
+                if path.is_file() and path.relative_to(self.staging).as_posix() not in keep:
+                    path.unlink()
+        return records
+
+    def done_records(self) -> Iterator[dict]:
+        for path in sorted((self.staging / _DONE).glob("*.json")):
+            yield json.loads(path.read_text(encoding="utf-8"))
+
+    def publish(self, manifest: dict) -> None:
+        """Move the staged folders into place, then write manifest.json: the run is complete."""
+        for name in PUBLISHED:
+            if (self.staging / name).exists():
+                if (self.root / name).exists():
+                    shutil.rmtree(self.root / name)
+                os.replace(self.staging / name, self.root / name)
+        write_json_atomic(self.root / MANIFEST, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _clear(self) -> None:
+        (self.root / MANIFEST).unlink(missing_ok=True)  # first: from here on the folder reads as incomplete
+        for child in self.root.iterdir():
+            if child.name != MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+    # ---- worker side: staged files and done records ----
+
+    def write_table(self, relative: str, table) -> str:
+        """Write a parquet file under staging by atomic rename; return its staging-relative path."""
+        import pyarrow.parquet as pq
+
+        path = self.staging / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+        return relative
+
+    def write_lines(self, relative: str, lines: Iterable[str]) -> str:
+        path = self.staging / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, path)
+        return relative
+
+    def commit(self, key: str, record: dict) -> None:
+        """The batch is done: written last, after all its files."""
+        write_json_atomic(self.staging / _DONE / f"{key}.json", {"key": key, **record})
+
+
+def line_ranges(paths: Sequence[str], lines: Sequence[int]) -> dict[str, list[list[int]]]:
+    """Inclusive [first, last] runs of consecutive lines per input path (a batch is a few such runs)."""
+    by_path: dict[str, list[int]] = {}
+    for path, line in zip(paths, lines):
+        by_path.setdefault(str(path), []).append(int(line))
+    ranges: dict[str, list[list[int]]] = {}
+    for path, numbers in sorted(by_path.items()):
+        runs: list[list[int]] = []
+        for n in sorted(numbers):
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        ranges[path] = runs
+    return ranges
+
+
+def batch_key(ranges: Mapping[str, list[list[int]]]) -> str:
+    """A name that depends only on which records a batch holds: a retried batch rewrites the same files."""
+    return hashlib.sha1(json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def merge_ranges(records: Iterable[dict]) -> dict[str, list[tuple[int, int]]]:
+    """Union of the done records' line ranges per path; overlapping records would mean duplicated documents."""
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    for record in records:
+        for path, runs in record["ranges"].items():
+            by_path.setdefault(path, []).extend((a, b) for a, b in runs)
+    merged: dict[str, list[tuple[int, int]]] = {}
+    for path, runs in by_path.items():
+        out: list[tuple[int, int]] = []
+        for a, b in sorted(runs):
+            if out and a <= out[-1][1]:
+                raise RuntimeError(f"lines {a}-{b} of {path} were processed twice; rerun with --overwrite")
+            if out and a == out[-1][1] + 1:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        merged[path] = out
+    return merged
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
