@@ -1,0 +1,518 @@
+"""Masked-LM pretraining on Ray Train: a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) fed by a Ray Data stream of
+shards → whole-word masking (a new draw every epoch) → `get_dataset_shard` per worker.
+
+Checkpoints (HF model dir + optimizer/step/RNG) go through `ray.train.report`; re-running with the same output dir
+resumes from the latest one, and `FailureConfig(max_failures)` restarts killed workers from it. The only module
+that imports ray.train. Refs: Ray Train "Saving and Loading Checkpoints", "Data Loading and Preprocessing".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jbert_ray.masking import MaskingConfig, mask_batch
+from jbert_ray.model import SparseMaskedLM, bert_config_dict, build_model
+from jbert_ray.train_state import (
+    PROGRESS_FILE, STREAM_FILE, MetricsLog, ShardInfo, inspect_shards, load_train_state, plan_stream, plot_curves,
+    read_json, save_train_state, vocab_sha256, write_json,
+)
+
+RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
+CONFIG_FILE = "jbert_config.json"
+# Must match across re-runs of one run dir; other fields (max_steps, eval cadence, ...) may change on resume.
+RESUME_KEYS = ("model_config", "init_from", "global_batch_size", "seed", "whole_word", "mask_prob")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data_dir: str  # shards directory (manifest.json, train/, valid/, tokenizer/)
+    output_dir: str  # run dir: checkpoints/, model/, metrics.csv, tensorboard/, curves.png, results.json
+    model_config: str = "tiny"  # preset (tiny, small, base) or a JSON file (ModelConfig fields or HF BertConfig)
+    init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
+    cpus_per_worker: float = 0.0  # 0 = auto: leave room for the Ray Data stage (2-CPU deadlock otherwise)
+    max_steps: int = 1000  # optimizer steps
+    global_batch_size: int = 256  # sequences per optimizer step over all workers and accumulation steps
+    micro_batch_size: int = 32  # sequences per forward per worker; accumulation fills the global batch
+    learning_rate: float = 5e-4
+    warmup_steps: int = -1  # linear warmup; -1 = 6% of max_steps (RoBERTa), then linear decay to 0
+    weight_decay: float = 0.01  # AdamW; not on biases and LayerNorm
+    max_grad_norm: float = 1.0  # gradient clipping
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    seed: int = 0  # init, dropout, masks and epoch order all derive from it
+    log_every: int = 10  # steps between metric rows (every worker reports then)
+    eval_every: int = 200  # steps between valid-set evaluations (and at the end)
+    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 3  # last K checkpoints kept
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    data_cpus: float = 0.5  # CPUs per masking task of the Ray Data stage
+    show_progress: bool = True  # progress lines on stderr
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PretrainConfig:
+        values = dict(values)
+        if isinstance(values.get("masking"), dict):
+            values["masking"] = MaskingConfig(**values["masking"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return self.warmup_steps if self.warmup_steps >= 0 else math.ceil(0.06 * self.max_steps)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_pretraining(cfg: PretrainConfig) -> dict:
+    """Check inputs, train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
+    run_dir = Path(cfg.output_dir).resolve()
+    shards, bert_config = check_inputs(cfg)
+    cpus_per_worker = check_resources(cfg, ray.cluster_resources())
+    _check_run_dir(run_dir, cfg, bert_config)
+    spec = _stream_spec(cfg, shards, run_dir)
+    datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
+    if shards.valid_rows:
+        datasets["valid"] = build_valid_stream(spec)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "pretrain": cfg.to_dict(), "bert_config": bert_config, "run_dir": str(run_dir),
+            "tokenizer_dir": str(shards.tokenizer_dir), "has_valid": bool(shards.valid_rows),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(run_dir),  # same name + storage_path on a re-run = resume from the latest checkpoint
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    return _finish(run_dir, result, time.perf_counter() - started)
+
+
+def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
+    """Validate shards, model config and --init-from before any worker starts; return shards + BertConfig dict."""
+    from jbert_ray.errors import UserError
+    from jbert_ray.model import resolve_model_config
+
+    shards = inspect_shards(cfg.data_dir)
+    for name, value in (("max_steps", cfg.max_steps), ("num_workers", cfg.num_workers),
+                        ("micro_batch_size", cfg.micro_batch_size), ("log_every", cfg.log_every),
+                        ("eval_every", cfg.eval_every), ("checkpoint_every", cfg.checkpoint_every)):
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    per_step = cfg.micro_batch_size * cfg.num_workers
+    if cfg.global_batch_size % per_step:
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro batch × workers "
+            f"= {cfg.micro_batch_size} × {cfg.num_workers}"
+        )
+    if shards.train_rows < cfg.global_batch_size:
+        raise UserError(f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch")
+    if cfg.init_from:
+        from jbert_ray.checkpoint import check_model_dir
+
+        model_dir = check_model_dir(cfg.init_from)
+        if vocab_sha256(model_dir / "vocab.txt") != shards.tokenizer_sha256:
+            raise UserError(
+                f"--init-from {cfg.init_from}: its vocab.txt differs from the tokenizer the shards were made with; "
+                "preprocess the corpus with that model's tokenizer (jbert preprocess --tokenizer MODEL_DIR)"
+            )
+        bert_config = _read_bert_config(model_dir)
+    else:
+        from jbert_ray.tokenizer import JapaneseTokenizer
+
+        tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
+        model_config = resolve_model_config(cfg.model_config)
+        bert_config = bert_config_dict(model_config, tokenizer.vocab_size, tokenizer.pad_token_id)
+    if bert_config["max_position_embeddings"] < shards.max_seq_len:
+        raise UserError(
+            f"shards hold sequences of up to {shards.max_seq_len} tokens but the model has only "
+            f"{bert_config['max_position_embeddings']} positions"
+        )
+    if bert_config["vocab_size"] < shards.vocab_size:
+        raise UserError(f"model has {bert_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}")
+    return shards, bert_config
+
+
+def check_resources(cfg: PretrainConfig, cluster: dict) -> float:
+    """CPUs per worker (auto-sized when 0); raise if the cluster cannot hold the workers."""
+    from jbert_ray.errors import UserError
+
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        raise UserError(f"--use-gpu with {cfg.num_workers} workers needs {cfg.num_workers} GPUs; cluster has {gpus:g}")
+    if cfg.num_workers > cpus:
+        raise UserError(f"--num-workers {cfg.num_workers} exceeds the cluster's {cpus:g} CPUs")
+    per_worker = cfg.cpus_per_worker
+    if per_worker <= 0:  # leave one CPU (half on tiny clusters) for the read + masking stage
+        per_worker = max(0.25, (cpus - min(1.0, cpus / 2)) / cfg.num_workers)
+        per_worker = float(math.floor(per_worker)) if per_worker >= 1 else round(per_worker, 2)
+    if per_worker * cfg.num_workers + cfg.data_cpus > cpus:
+        raise UserError(
+            f"{cfg.num_workers} workers × {per_worker:g} CPUs + {cfg.data_cpus:g} for the data stage exceed the "
+            f"cluster's {cpus:g} CPUs"
+        )
+    return per_worker
+
+
+def build_train_stream(spec: dict):
+    """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
+
+    Called by Ray Train at every worker-group start, so after a failure the stream restarts where the latest
+    checkpoint left off (to the file; workers skip the rest of the way) instead of at the corpus start.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = spec["show_progress"]  # runs in the controller
+    run_dir = Path(spec["run_dir"])
+    consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
+    start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
+    write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
+    parts = [
+        ray.data.read_parquet([spec["files"][i] for i in order], columns=["input_ids", "word_start"])
+        .map_batches(mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"])
+        for epoch, order in epochs
+    ]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def build_valid_stream(spec: dict):
+    """The valid set with one fixed mask draw (its own seed), so evaluations compare like with like."""
+    import ray.data
+
+    kwargs = {**spec["mask_kwargs"], "seed": spec["seed"] + 1, "epoch": 0}
+    return ray.data.read_parquet(spec["valid_files"], columns=["input_ids", "word_start"]).map_batches(
+        mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"]
+    )
+
+
+def _stream_spec(cfg: PretrainConfig, shards: ShardInfo, run_dir: Path) -> dict:
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
+    return {
+        "run_dir": str(run_dir),
+        "files": [str(p) for p in shards.train_files],
+        "file_rows": shards.train_file_rows,
+        "valid_files": [str(p) for p in shards.valid_files],
+        # one spare global batch: the equal split may drop up to num_workers - 1 rows at the end
+        "sequences_needed": (cfg.max_steps + 1) * cfg.global_batch_size,
+        "seed": cfg.seed,
+        "data_cpus": cfg.data_cpus,
+        "show_progress": cfg.show_progress,
+        "mask_kwargs": {
+            "vocab_size": tokenizer.vocab_size, "special_ids": sorted(tokenizer.special_ids),
+            "mask_id": tokenizer.mask_token_id, "pad_id": tokenizer.pad_token_id,
+            "max_seq_len": shards.max_seq_len, "config": cfg.masking, "seed": cfg.seed,
+        },
+    }
+
+
+def _check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> None:
+    from jbert_ray.errors import UserError
+    from jbert_ray.output_dir import prepare_output_dir
+
+    prepare_output_dir(run_dir, allow_existing=True)
+    identity = {
+        "model_config": bert_config, "init_from": cfg.init_from, "global_batch_size": cfg.global_batch_size,
+        "seed": cfg.seed, "whole_word": cfg.masking.whole_word, "mask_prob": cfg.masking.mask_prob,
+    }
+    saved = read_json(run_dir / CONFIG_FILE)
+    if saved is None:
+        if any(p.name not in (CONFIG_FILE,) for p in run_dir.iterdir()):
+            raise UserError(f"output {run_dir} is not empty and holds no jbert pretraining run; use a new --out")
+    else:
+        changed = [k for k in RESUME_KEYS if saved.get("identity", {}).get(k) != identity[k]]
+        if changed:
+            raise UserError(
+                f"{run_dir} holds a run with different {', '.join(changed)}; resume it with the same settings "
+                "or use a new --out"
+            )
+    write_json(run_dir / CONFIG_FILE, {"identity": identity, "config": cfg.to_dict()})
+
+
+def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
+    from jbert_ray.train_state import read_metrics
+
+    if result.error is not None:
+        raise result.error
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(checkpoint_dir) / "model", model_dir)
+    plot = plot_curves(run_dir)
+    rows = read_metrics(run_dir / "metrics.csv")
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    summary = {
+        "step": rows[-1]["step"] if rows else 0,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "tokens_per_s": rows[-1]["tokens_per_s"] if rows else None,
+        "model_dir": str(model_dir),
+        "curves": str(plot) if plot else None,
+        "seconds": round(elapsed_s, 1),
+    }
+    write_json(run_dir / "results.json", summary)
+    return summary
+
+
+def _read_bert_config(model_dir: Path) -> dict:
+    from transformers import BertConfig
+
+    return BertConfig.from_pretrained(model_dir).to_dict()
+
+
+# ---------------------------------------------------------------- worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One DDP rank: build or restore the model, stream masked batches, step, evaluate, report, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    cfg = PretrainConfig.from_dict(config["pretrain"])
+    run_dir = Path(config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    write_json(_worker_file(run_dir, rank), {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank})
+    tokenizer = JapaneseTokenizer.from_pretrained(config["tokenizer_dir"])
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as checkpoint_dir:
+        model = _initial_model(cfg, config, tokenizer, checkpoint_dir)
+        module = ray.train.torch.prepare_model(SparseMaskedLM(model))  # device + DDP (gloo on CPU, NCCL on GPU)
+        optimizer = make_optimizer(model, cfg)
+        step = int(load_train_state(checkpoint_dir, optimizer)["step"]) if checkpoint_dir else 0
+    if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
+    log = MetricsLog(run_dir, resume_step=step) if rank == 0 else None
+    accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    skip = max(0, step * cfg.global_batch_size - _stream_start(run_dir)) // world // cfg.micro_batch_size
+    batches = _train_batches(cfg, device, skip)
+    autocast = _autocast(device)
+    window = _Window()
+    reporter = functools.partial(_report, cfg, config, module, model, tokenizer, optimizer, device, log, rank)
+    while step < cfg.max_steps:
+        micro = [b for _, b in zip(range(accumulate), batches)]
+        if len(micro) < accumulate:  # stream exhausted; equal splits make every rank stop together
+            break
+        lr = lr_at_step(step, cfg)
+        window.add(train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast))
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            reporter(step, lr, window)
+    if window.steps:  # stopped between log steps: every rank still reports (and checkpoints) once more
+        reporter(step, lr_at_step(step, cfg), window, force_checkpoint=True)
+    if log is not None:
+        log.close()
+
+
+def train_step(module, optimizer, micro_batches, *, lr: float, max_grad_norm: float, autocast=nullcontext) -> dict:
+    """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs only on the last one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    totals = torch.zeros(4, dtype=torch.float64)  # loss × predicted, correct, predicted, tokens
+    for i, batch in enumerate(micro_batches):
+        batch = trim_padding(batch)
+        is_last = i == len(micro_batches) - 1
+        sync = nullcontext() if is_last or not hasattr(module, "no_sync") else module.no_sync()
+        with sync:
+            with autocast():
+                loss, correct, predicted = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (loss / len(micro_batches)).backward()
+        totals += torch.tensor([loss.item() * predicted.item(), correct.item(), predicted.item(), batch["tokens"]],
+                               dtype=torch.float64)
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"totals": totals, "grad_norm": float(grad_norm)}
+
+
+def trim_padding(batch: dict) -> dict:
+    """Cut the micro-batch to its longest row (no compute on all-pad columns); drop an all-ones attention mask."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1)  # (B,)
+    width = int(lengths.max())
+    tokens = int(lengths.sum())
+    full = tokens == mask.shape[0] * width  # packed rows: SDPA's fast path without a mask
+    return {
+        "input_ids": batch["input_ids"][:, :width].long(),
+        "attention_mask": None if full else mask[:, :width].long(),
+        "labels": batch["labels"][:, :width].long(),
+        "tokens": tokens,
+    }
+
+
+def lr_at_step(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to learning_rate, then linear decay to 0 at max_steps."""
+    warmup = cfg.resolved_warmup_steps
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    return cfg.learning_rate * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm; fused kernel where the device has one."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused AdamW for this device/dtype
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+
+
+def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int = 32) -> dict:
+    """MLM loss and masked-token accuracy over this rank's valid shard, summed over all ranks."""
+    import ray.train
+
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    core = getattr(module, "module", module)  # eval without DDP: no gradient sync needed
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(batch_size=batch_size, device=device):
+            batch = trim_padding(batch)
+            with autocast():
+                loss, correct, predicted = core(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            totals += torch.tensor([loss.item() * predicted.item(), correct.item(), predicted.item()],
+                                   dtype=torch.float64)
+    module.train()
+    totals = _all_reduce(totals, device)
+    return {"eval_loss": totals[0].item() / max(totals[2].item(), 1),
+            "eval_accuracy": totals[1].item() / max(totals[2].item(), 1)}
+
+
+class _Window:
+    """Step statistics since the last metric row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.steps, self.totals, self.grad_norm = 0, torch.zeros(4, dtype=torch.float64), 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict):
+        self.steps += 1
+        self.totals += stats["totals"]
+        self.grad_norm = stats["grad_norm"]
+
+
+def _report(cfg, config, module, model, tokenizer, optimizer, device, log, rank, step, lr, window,
+            force_checkpoint=False) -> None:
+    import ray.train
+
+    totals = _all_reduce(window.totals.clone(), device)  # every rank takes part: same collectives everywhere
+    elapsed = time.perf_counter() - window.started
+    metrics = {
+        "step": step, "loss": totals[0].item() / max(totals[2].item(), 1),
+        "accuracy": totals[1].item() / max(totals[2].item(), 1), "lr": lr,
+        "tokens_per_s": totals[3].item() / max(elapsed, 1e-9), "grad_norm": window.grad_norm,
+    }
+    is_last = step >= cfg.max_steps or force_checkpoint
+    if config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
+        metrics.update(evaluate(module, device, _autocast(device), cfg.micro_batch_size))
+    if log is not None:
+        log.write(metrics)
+    if not (step % cfg.checkpoint_every == 0 or is_last):
+        ray.train.report(metrics)  # every worker must call report() the same number of times
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:  # one copy of the replicated state
+                from jbert_ray.checkpoint import save_model_dir
+
+                save_model_dir(Path(tmp) / "model", model, tokenizer)
+                save_train_state(tmp, optimizer, step, sequences=step * cfg.global_batch_size)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
+            progress = {"step": step, "sequences": step * cfg.global_batch_size}
+            write_json(Path(config["run_dir"]) / PROGRESS_FILE, progress)
+    window.reset()  # the time spent evaluating and checkpointing is not counted in tokens_per_s
+
+
+def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir: str | None):
+    from jbert_ray.checkpoint import load_model_dir
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    if checkpoint_dir:
+        model, _ = load_model_dir(Path(checkpoint_dir) / "model", "cpu")
+    elif cfg.init_from:
+        model, _ = load_model_dir(cfg.init_from, "cpu")
+    else:
+        model = build_model(config["bert_config"], tokenizer.vocab_size, tokenizer.pad_token_id)
+    return model.train()
+
+
+def _train_batches(cfg: PretrainConfig, device, skip_batches: int):
+    """This rank's masked micro-batches, after skipping the ones consumed before the last checkpoint."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=cfg.micro_batch_size, drop_last=True, device=device)
+    for index, batch in enumerate(batches):
+        if index >= skip_batches:
+            yield batch
+
+
+def _stream_start(run_dir: Path) -> int:
+    return int((read_json(run_dir / STREAM_FILE) or {}).get("start_sequence", 0))
+
+
+def _worker_file(run_dir: Path, rank: int) -> Path:
+    path = run_dir / "workers" / f"rank_{rank}.json"  # pid and host of each rank: for operators (and the tests)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return nullcontext  # fp32 on CPU
+
+
+def _all_reduce(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    reduced = values.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    dist.all_reduce(reduced)
+    return reduced.to("cpu", torch.float64)
