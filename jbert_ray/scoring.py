@@ -1,0 +1,299 @@
+"""Offline corpus scoring with Ray Data: an actor pool of `CorpusScorer`s (one `MaskedLM` each) scores every row;
+the driver writes parquet parts atomically, so a killed run resumes with no duplicated and no missing ids.
+
+Every input row comes out exactly once: scored, or with its `error` (rejected by the reader, empty, too long
+under the "error" policy). The summary, histogram and optional filtered corpus are computed from the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jbert_ray.corpus import corpus_format, read_corpus, resolve_paths
+from jbert_ray.errors import UserError
+from jbert_ray.output_dir import prepare_output_dir
+from jbert_ray.progress import Progress
+from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
+from jbert_ray.text import TextConfig, clean_text
+
+ERROR_TOO_LONG = "too_long"
+_CANDIDATE = pa.struct([("token", pa.string()), ("score", pa.float32())])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("pll", pa.float64()),  # sum of log p(token | rest), natural log
+        ("pll_per_token", pa.float64()),  # pll / n_tokens: comparable across lengths, used for filtering
+        ("token_pll", pa.list_(pa.float32())),
+        ("n_tokens", pa.int32()),
+        ("unk_rate", pa.float32()),  # share of [UNK] tokens: high means the vocab does not fit the text
+        ("fill_mask", pa.list_(pa.list_(_CANDIDATE))),  # per [MASK] in the text: top-k candidates
+        ("error", pa.string()),  # "" when scored
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    model_dir: str  # our model dir or a Tohoku-style HF Japanese BERT dir
+    output_dir: str
+    text_field: str = "text"
+    id_column: str | None = None  # a field/column with row ids; default `path:line`, stable across runs
+    num_actors: int = 0  # 0 = one per CPU (or per GPU share with gpus_per_actor)
+    batch_size: int = 64  # rows per actor call; MaskedLM packs their masked copies into big forwards
+    gpus_per_actor: float = 0.0
+    method: str = "pll"  # "pll" or "pll-word-l2r"
+    long_text: str = "window"  # texts over the model's length: "window" (sliding) or "error" (error column)
+    top_k: int = 5  # fill-mask candidates for texts containing [MASK]
+    filter_below: float | None = None  # also write rows with pll_per_token ≥ this as a cleaned corpus
+    filter_percentile: float | None = None  # …or drop this lowest percentage of scored rows
+    rows_per_part: int = 4096  # rows per output parquet file (the unit of resume)
+    resume: bool = False  # keep finished parts, score only rows not yet written
+    overwrite: bool = False
+    show_progress: bool = True
+
+
+class CorpusScorer:
+    """Ray Data callable: adds score columns to a batch of corpus rows, skipping ids already written."""
+
+    def __init__(self, model_dir: str, config: dict, done_ids: frozenset[str] = frozenset()):
+        from jbert_ray.inference import InferenceConfig, MaskedLM
+
+        self.config = ScoreConfig(**config)
+        self.lm = MaskedLM.from_pretrained(model_dir, config=InferenceConfig(long_text=self.config.long_text))
+        self.done_ids = done_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = [
+            (record_id, text, reason)
+            for record_id, text, reason in zip(batch["record_id"], batch["text"], batch["reject"])
+            if record_id not in self.done_ids
+        ]
+        cleaned = [clean_text(text, TextConfig(require_japanese=False)) if not reason else ("", reason)
+                   for _, text, reason in rows]
+        scores = self._score([text for text, reason in cleaned if not reason])
+        columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        for (record_id, text, _), (clean, reason) in zip(rows, cleaned):
+            score = None if reason else scores.pop(0)
+            if isinstance(score, str):
+                score, reason = None, score
+            columns["id"].append(record_id)
+            columns["text"].append(text)
+            columns["error"].append(reason)
+            columns["fill_mask"].append(score["fill_mask"] if score else None)
+            for name in ("pll", "pll_per_token", "token_pll", "n_tokens", "unk_rate"):
+                columns[name].append(score[name] if score else None)
+        return pa.table(columns, schema=SCHEMA)
+
+    def _score(self, texts: list[str]) -> list[dict | str]:
+        """Score dicts, or ERROR_TOO_LONG for a text the "error" policy refuses."""
+        from jbert_ray.inference import TextTooLongError
+
+        try:
+            scores = self.lm.score(texts, method=self.config.method)
+        except TextTooLongError:  # rare: find the offenders one by one
+            return [ERROR_TOO_LONG] if len(texts) == 1 else [r for t in texts for r in self._score([t])]
+        masked = [i for i, text in enumerate(texts) if "[MASK]" in text]
+        fills = self.lm.fill_mask([texts[i] for i in masked], top_k=self.config.top_k) if masked else []
+        results = [_score_row(score) for score in scores]
+        for i, fill in zip(masked, fills):
+            results[i]["fill_mask"] = fill
+        return results
+
+
+def run_scoring(config: ScoreConfig) -> dict:
+    """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
+    from jbert_ray.checkpoint import check_model_dir
+
+    resolve_paths(config.input)
+    check_model_dir(config.model_dir)
+    output_dir = prepare_output_dir(config.output_dir, overwrite=config.overwrite, allow_existing=config.resume)
+    parts_dir = output_dir / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    done_ids = _written_ids(parts_dir) if config.resume else frozenset()
+    dataset = read_corpus(config.input, text_field=config.text_field, id_field=config.id_column).map_batches(
+        CorpusScorer,
+        fn_constructor_kwargs={"model_dir": config.model_dir, "config": asdict(config), "done_ids": done_ids},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=_scorer_pool(config),
+        num_cpus=ACTOR_CPUS,
+        num_gpus=config.gpus_per_actor or None,
+    )
+    progress = Progress("score", rate_key="rows", enabled=config.show_progress)
+    next_part = max((int(p.stem.split("-")[1]) + 1 for p in parts_dir.glob("part-*.parquet")), default=0)
+    rows = 0
+    for batch in dataset.iter_batches(batch_size=config.rows_per_part, batch_format="pyarrow"):
+        _write_atomically(batch, parts_dir / f"part-{next_part:05d}.parquet")
+        next_part += 1
+        rows += batch.num_rows
+        progress.update(rows=rows)
+    seconds = progress.elapsed_s
+    summary = _summarize(parts_dir, output_dir, config)
+    summary.update(rows_this_run=rows, rows_resumed=len(done_ids), seconds=round(seconds, 2),
+                   sentences_per_s=round(rows / max(seconds, 1e-9), 2))
+    summary["filtered"] = _write_filtered(parts_dir, output_dir, config, summary) if _filtering(config) else None
+    (output_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    return summary
+
+
+def _score_row(score: dict) -> dict:
+    tokens = score["tokens"]
+    n_tokens = score["n_tokens"]
+    return {
+        "pll": score["pll"],
+        "pll_per_token": score["pll"] / n_tokens if n_tokens else None,
+        "token_pll": score["token_pll"],
+        "n_tokens": n_tokens,
+        "unk_rate": tokens.count("[UNK]") / n_tokens if n_tokens else 0.0,
+        "fill_mask": None,
+    }
+
+
+def _scorer_pool(config: ScoreConfig):
+    import ray
+    import ray.data
+
+    size = config.num_actors
+    if not size and config.gpus_per_actor:
+        size = max(1, int(ray.cluster_resources().get("GPU", 0) / config.gpus_per_actor))
+    if config.gpus_per_actor and ray.cluster_resources().get("GPU", 0) < config.gpus_per_actor:
+        raise UserError(f"--gpus-per-actor {config.gpus_per_actor} but the cluster has no such GPUs")
+    return ray.data.ActorPoolStrategy(size=size or cluster_cpus())
+
+
+def _written_ids(parts_dir: Path) -> frozenset[str]:
+    ids: set[str] = set()
+    for part in sorted(parts_dir.glob("part-*.parquet")):
+        ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+    return frozenset(ids)
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    # A killed run leaves at most a .tmp file, never a half-written part that resume would trust.
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _summarize(parts_dir: Path, output_dir: Path, config: ScoreConfig) -> dict:
+    parts = sorted(parts_dir.glob("part-*.parquet"))
+    if not parts:
+        raise UserError(f"corpus {config.input} is empty: no rows to score")
+    table = pq.read_table(parts, columns=["pll_per_token", "error"])
+    by_error: dict[str, int] = {}
+    for error in table.column("error").to_pylist():
+        if error:
+            by_error[error] = by_error.get(error, 0) + 1
+    values = _scored_values(table)
+    summary = {
+        "rows_in": table.num_rows,
+        "rows_scored": table.num_rows - sum(by_error.values()),
+        "rows_with_error": sum(by_error.values()),
+        "errors_by_reason": by_error,
+        "pll_per_token": _describe(values),
+        "config": asdict(config),
+    }
+    if len(values):
+        _plot_histogram(values, output_dir / "pll_per_token.png")
+        summary["histogram"] = str(output_dir / "pll_per_token.png")
+    return summary
+
+
+def _describe(values: np.ndarray) -> dict:
+    if not len(values):
+        return {}
+    percentiles = dict(zip(("p1", "p5", "p50", "p95", "p99"), np.percentile(values, [1, 5, 50, 95, 99])))
+    return {"mean": float(values.mean()), **{k: float(v) for k, v in percentiles.items()}}
+
+
+def _plot_histogram(values: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(values, bins=60, color="#3b6ea8")
+    ax.set_xlabel("PLL per token (natural log; higher = more natural to the model)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Pseudo-log-likelihood per token, {len(values):,} rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _filtering(config: ScoreConfig) -> bool:
+    return config.filter_below is not None or config.filter_percentile is not None
+
+
+def _write_filtered(parts_dir: Path, output_dir: Path, config: ScoreConfig, summary: dict) -> dict:
+    """Stream rows with pll_per_token ≥ threshold into the input's format (jsonl, txt or parquet)."""
+    parts = sorted(parts_dir.glob("part-*.parquet"))
+    threshold = config.filter_below
+    if threshold is None:
+        values = _scored_values(pq.read_table(parts, columns=["pll_per_token", "error"]))
+        threshold = float(np.percentile(values, config.filter_percentile)) if len(values) else float("inf")
+    fmt = corpus_format(resolve_paths(config.input)[0][0])
+    out_path = output_dir / "filtered" / f"corpus.{fmt}"
+    out_path.parent.mkdir(exist_ok=True)
+    kept = 0
+    with _CorpusWriter(out_path, fmt, config) as writer:
+        for part in parts:
+            table = pq.read_table(part, columns=["id", "text", "pll_per_token", "error"])
+            keep = pc.and_(pc.equal(table.column("error"), ""),
+                           pc.greater_equal(pc.fill_null(table.column("pll_per_token"), -np.inf), threshold))
+            table = table.filter(keep)
+            writer.write(table)
+            kept += table.num_rows
+    return {"path": str(out_path), "threshold": threshold, "rows_kept": kept,
+            "rows_dropped": summary["rows_in"] - kept}
+
+
+def _scored_values(table: pa.Table) -> np.ndarray:
+    values = table.column("pll_per_token").to_numpy(zero_copy_only=False)
+    ok = np.array([not e for e in table.column("error").to_pylist()], dtype=bool)
+    return values[ok & ~np.isnan(values.astype(np.float64))].astype(np.float64)
+
+
+class _CorpusWriter:
+    """Writes (id, text) tables as jsonl (text field + id column if given), txt lines or parquet."""
+
+    def __init__(self, path: Path, fmt: str, config: ScoreConfig):
+        self.path, self.fmt, self.config = path, fmt, config
+        self._parquet = None
+        self._file = None if fmt == "parquet" else open(path, "w", encoding="utf-8")
+
+    def write(self, table: pa.Table) -> None:
+        if self.fmt == "parquet":
+            table = table.select(["id", "text"]).rename_columns([self.config.id_column or "id", self.config.text_field])
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, table.schema)
+            self._parquet.write_table(table)
+            return
+        for record_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
+            if self.fmt == "txt":
+                self._file.write(text.replace("\n", " ") + "\n")
+            else:
+                record = {self.config.text_field: text}
+                if self.config.id_column:
+                    record[self.config.id_column] = record_id
+                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def __enter__(self) -> _CorpusWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._file is not None:
+            self._file.close()

@@ -1,0 +1,121 @@
+"""`jbert score` on a local Ray: every row exactly once, scores equal MaskedLM.score, resume, filtering."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from jbert_ray.cli import main
+from jbert_ray.inference import MaskedLM
+from tests.conftest import REPO, read_sample
+
+pytestmark = pytest.mark.ray
+
+GOOD = 40
+BAD_LINES = [b'{"text": "broken', b'{"text": ""}', b'{"no_text": 1}', b'{"text": 7}']
+MASKED_TEXT = "セルに[MASK]を入力します。"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("score") / "corpus.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in read_sample(GOOD)]
+    lines.append(json.dumps({"text": MASKED_TEXT}, ensure_ascii=False).encode())
+    for i, line in enumerate(BAD_LINES):
+        lines.insert(7 * (i + 1), line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def expected_ids(corpus) -> list[str]:
+    return [f"{corpus}:{n}" for n in range(1, GOOD + len(BAD_LINES) + 2)]  # + the [MASK] line
+
+
+def read_parts(out) -> dict:
+    table = pq.read_table(sorted((out / "parts").glob("part-*.parquet")))
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster, corpus, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores") / "out"
+    assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--batch-size", "8", "--rows-per-part", "16", "--filter-percentile", "25", "--no-progress"]) == 0
+    return out
+
+
+def test_every_row_exactly_once_with_errors_kept(scored, corpus):
+    rows = read_parts(scored)
+    assert sorted(rows["id"]) == sorted(expected_ids(corpus)) and len(rows["id"]) == len(set(rows["id"]))
+    errors = sorted(e for e in rows["error"] if e)
+    assert errors == sorted(["invalid_json", "empty", "missing_field", "not_text"])
+    summary = json.loads((scored / "summary.json").read_text())
+    assert summary["rows_in"] == GOOD + 1 + len(BAD_LINES) and summary["rows_with_error"] == len(BAD_LINES)
+    assert (scored / "pll_per_token.png").stat().st_size > 1000
+
+
+def test_scores_equal_a_direct_masked_lm_call(scored, tiny_model_dir):
+    rows = read_parts(scored)
+    scored_rows = [(t, p, n) for t, p, n, e in zip(rows["text"], rows["pll"], rows["n_tokens"], rows["error"])
+                   if not e]
+    direct = MaskedLM.from_pretrained(tiny_model_dir, device="cpu").score([t for t, _, _ in scored_rows])
+    for (_, pll, n_tokens), expected in zip(scored_rows, direct):
+        assert n_tokens == expected["n_tokens"] and pll == pytest.approx(expected["pll"], abs=1e-4)
+
+
+def test_masked_text_gets_fill_mask_candidates(scored):
+    rows = read_parts(scored)
+    fill = rows["fill_mask"][rows["text"].index(MASKED_TEXT)]
+    assert len(fill) == 1 and len(fill[0]) == 5 and fill[0][0]["score"] >= fill[0][1]["score"]
+    assert all(f is None for t, f in zip(rows["text"], rows["fill_mask"]) if t != MASKED_TEXT)
+
+
+def test_percentile_filter_keeps_the_right_subset(scored, corpus):
+    summary = json.loads((scored / "summary.json").read_text())
+    kept = [json.loads(line)["text"] for line in (scored / "filtered" / "corpus.jsonl").read_text().splitlines()]
+    rows = read_parts(scored)
+    values = [v for v, e in zip(rows["pll_per_token"], rows["error"]) if not e]
+    threshold = summary["filtered"]["threshold"]
+    assert len(kept) == sum(v >= threshold for v in values) == summary["filtered"]["rows_kept"]
+    assert set(kept) <= set(read_sample(GOOD)) | {MASKED_TEXT}
+    assert len(values) * 0.7 <= len(kept) <= len(values) * 0.8 + 1
+
+
+def test_too_long_text_is_an_error_row_under_the_error_policy(ray_cluster, tiny_model_dir, tmp_path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("短い文です。\n" + "東京は日本の首都です。" * 200 + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--long-text", "error", "--no-progress"]) == 0
+    assert read_parts(out)["error"] == ["", "too_long"]
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(corpus, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--model", str(tiny_model_dir),
+            "--out", str(out), "--batch-size", "4", "--rows-per-part", "4", "--actors", "1", "--num-cpus", "2",
+            "--no-progress"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "parts").glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(read_parts(out)["id"])
+    assert 0 < written < len(expected_ids(corpus)) and not (out / "summary.json").exists()
+    result = subprocess.run(args + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = read_parts(out)["id"]
+    assert sorted(ids) == sorted(expected_ids(corpus)) and len(ids) == len(set(ids))
+    assert json.loads((out / "summary.json").read_text())["rows_resumed"] == written
+
+
+def test_missing_model_dir_is_one_clear_line(tmp_path, corpus):
+    result = subprocess.run([sys.executable, "-m", "jobs.score", "--input", str(corpus), "--model",
+                             str(tmp_path / "nope"), "--out", str(tmp_path / "o")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
