@@ -162,7 +162,7 @@ def _add_preprocess(commands) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> None:
-    from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+    from jbert_ray.preprocess import PreprocessConfig, preflight, run_preprocess
     from jbert_ray.text import TextConfig
 
     config = PreprocessConfig(
@@ -187,6 +187,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
         resume=args.resume,
         show_progress=not args.no_progress,
     )
+    preflight(config)  # settings, tokenizer, corpus and output checks fail before Ray starts
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     m = run_preprocess(config)
     rejected = ", ".join(f"{k}={v:,}" for k, v in sorted(m["rejects_by_reason"].items())) or "none"
@@ -196,6 +197,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
         f"{m['records_rejected']:,} ({rejected}); {m['documents']:,} documents, {m['sentences']:,} sentences → "
         f"{m['sequences']:,} rows of ≤{m['max_seq_len']} tokens ({splits}); padding waste "
         f"{m['padding_waste']:.1%}; {m.get('seconds', 0):.1f} s → {args.out}"
+        + (" (already complete: nothing to resume)" if m.get("already_complete") else "")
     )
 
 

@@ -190,18 +190,15 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     doc_id, seq_index, n_tokens int32; tokenizer/ (a copy); rejects/*.jsonl ({record_id, reason, record});
     static/{train,valid}/ with --static-masking; manifest.json, written last.
     """
-    validate(config)
-    tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
-    paths, _ = resolve_paths(config.input)
-    config = _absolute_paths(config, tokenizer_dir)
+    config, tokenizer_sha, paths = preflight(config)
     shards = ShardsDir.open(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     if shards.complete:  # --resume on a finished run: nothing is missing
         shutil.rmtree(shards.staging, ignore_errors=True)
-        return shards.manifest()
+        return {**shards.manifest(), "already_complete": True}
     run_config = {k: v for k, v in asdict(config).items() if k in _OUTPUT_SHAPING}
     shards.check_run_config({**run_config, "tokenizer_sha256": tokenizer_sha})
     done = shards.recover()
-    _copy_tokenizer(tokenizer_dir, shards.staging / "tokenizer")
+    _copy_tokenizer(Path(config.tokenizer_dir), shards.staging / "tokenizer")
 
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
     dataset = read_corpus(
@@ -295,6 +292,19 @@ def doc_id(record_id: str, root: str) -> str:
     """`path:line` ids relative to the corpus root, so the valid split does not depend on where it lives."""
     record_id = str(record_id)
     return record_id[len(root) + 1 :] if root and record_id.startswith(root + "/") else record_id
+
+
+def preflight(config: PreprocessConfig) -> tuple[PreprocessConfig, str, list[str]]:
+    """Every check that needs no cluster (settings, tokenizer, corpus files, output folder), so a mistake
+    fails in a second with one line; returns (config with absolute paths, vocab sha256, corpus files)."""
+    validate(config)
+    tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
+    paths, _ = resolve_paths(config.input)
+    out = Path(config.output_dir).absolute()
+    if "://" not in config.input and any(Path(p).is_relative_to(out) for p in paths):
+        raise UserError(f"output {config.output_dir} is inside the corpus {config.input}: choose another --out")
+    ShardsDir.check(out, overwrite=config.overwrite, resume=config.resume)
+    return _absolute_paths(config, tokenizer_dir), tokenizer_sha, paths
 
 
 def validate(config: PreprocessConfig) -> None:

@@ -37,28 +37,32 @@ class ShardsDir:
     @classmethod
     def open(cls, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> ShardsDir:
         """Prepare for a run: refuse a non-empty folder unless `overwrite` (cleared) or `resume` (kept)."""
-        if overwrite and resume:
-            raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
         shards = cls(root)
+        if cls.check(root, overwrite=overwrite, resume=resume) and overwrite:
+            shards._clear()
         path = shards.root
-        if path.exists() and not path.is_dir():
-            raise UserError(f"output {path} exists and is not a directory")
-        ours = (path / MARKER).exists() or (path / MANIFEST).exists()
-        if path.is_dir() and any(path.iterdir()):
-            if not (overwrite or resume):
-                raise UserError(
-                    f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it"
-                )
-            if not ours:
-                raise UserError(f"output {path} holds other files (no {MARKER} or {MANIFEST}); choose another --out")
-            if overwrite:
-                shards._clear()
         try:
             shards.staging.mkdir(parents=True, exist_ok=True)
             (path / MARKER).touch()
         except OSError as error:
             raise UserError(f"cannot write to output {path}: {error.strerror or error}") from None
         return shards
+
+    @staticmethod
+    def check(root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
+        """Can a run write here? Raise a UserError if not; return whether the folder is non-empty."""
+        if overwrite and resume:
+            raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
+        path = Path(root)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output {path} exists and is not a directory")
+        if not (path.is_dir() and any(path.iterdir())):
+            return False
+        if not (overwrite or resume):
+            raise UserError(f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it")
+        if not ((path / MARKER).exists() or (path / MANIFEST).exists()):
+            raise UserError(f"output {path} holds other files (no {MANIFEST}): choose another --out")
+        return True
 
     @property
     def complete(self) -> bool:

@@ -1,0 +1,247 @@
+"""`jbert preprocess` on a real local Ray (2 CPUs) and the bundled Japanese sample: shards decode back to the
+normalized text, tokens add up exactly, planted bad records are all accounted for, and a killed run resumes
+without duplicated or missing documents."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from jbert_ray.cli import main
+from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+from jbert_ray.text import clean_text, split_sentences
+from jbert_ray.tokenizer import JapaneseTokenizer
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def read_split(shards: Path, split: str = "train") -> list[dict]:
+    return pads.dataset(shards / split, format="parquet").to_table().to_pylist()
+
+
+def config(corpus, tokenizer_dir, out, **overrides) -> PreprocessConfig:
+    values = dict(input=str(corpus), tokenizer_dir=str(tokenizer_dir), output_dir=str(out), show_progress=False)
+    return PreprocessConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return JapaneseTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def sample_run(ray_cluster, tmp_path_factory, tokenizer_dir, sample_texts):
+    """1,500 real records, 20% valid, short rows so that sentences get split: run once, shared by tests."""
+    root = tmp_path_factory.mktemp("sample_run")
+    texts = sample_texts[:1500]
+    corpus = write_jsonl(root / "ja.jsonl", texts)
+    out = root / "shards"
+    manifest = run_preprocess(config(corpus, tokenizer_dir, out, max_seq_len=32, valid_fraction=0.2, batch_size=256))
+    return texts, out, manifest
+
+
+def test_shards_have_the_contract_schema_and_manifest(sample_run, tokenizer_dir):
+    _, out, manifest = sample_run
+    table = pads.dataset(out / "train", format="parquet").to_table()
+    assert str(table.schema.field("input_ids").type) == "list<element: int32>"
+    assert str(table.schema.field("word_start").type) == "list<element: bool>"
+    assert str(table.schema.field("n_tokens").type) == "int32"
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    for key in ("records_read", "records_kept", "records_rejected", "rejects_by_reason", "documents", "sentences",
+                "sequences", "tokens", "tokenizer_sha256", "config", "padding_waste", "splits"):  # fmt: skip
+        assert key in manifest
+    assert manifest["config"]["max_seq_len"] == 32
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(
+        ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
+    )
+    assert (out / "tokenizer" / "vocab.txt").read_bytes() == (tokenizer_dir / "vocab.txt").read_bytes()
+    assert not (out / ".staging").exists()
+
+
+def test_token_accounting_is_exact(sample_run):
+    texts, out, manifest = sample_run
+    total_tokens = total_rows = 0
+    for split in ("train", "valid"):
+        rows = read_split(out, split)
+        tokens = sum(r["n_tokens"] for r in rows)
+        assert tokens == sum(len(r["input_ids"]) for r in rows) == manifest["splits"][split]["tokens"]
+        assert len(rows) == manifest["splits"][split]["sequences"]
+        assert all(2 < len(r["input_ids"]) <= 32 and len(r["word_start"]) == len(r["input_ids"]) for r in rows)
+        total_tokens, total_rows = total_tokens + tokens, total_rows + len(rows)
+    assert (total_tokens, total_rows) == (manifest["tokens"], manifest["sequences"])
+    assert manifest["records_read"] == len(texts) == manifest["records_kept"] + manifest["records_rejected"]
+    assert manifest["sentences_split"] > 0  # 30-token rows force long sentences into pieces
+    assert manifest["padding_waste"] == pytest.approx(1 - total_tokens / (total_rows * 32), abs=1e-4)
+
+
+def test_shards_decode_back_to_the_normalized_text(sample_run, tok):
+    texts, out, _ = sample_run
+    by_doc: dict[str, list] = {}
+    for split in ("train", "valid"):
+        for row in read_split(out, split):
+            by_doc.setdefault(row["doc_id"], []).append((row["seq_index"], row["input_ids"], split))
+    assert len({s for rows in by_doc.values() for _, _, s in rows}) == 2
+    assert all(len({s for _, _, s in rows}) == 1 for rows in by_doc.values())  # split by document
+    compared = 0
+    for line, raw in enumerate(texts, start=1):
+        rows = sorted(by_doc.pop(f"ja.jsonl:{line}"))
+        assert [i for i, _, _ in rows] == list(range(len(rows)))  # no row missing or duplicated
+        ids = [i for _, row, _ in rows for i in row if i not in (tok.cls_token_id, tok.sep_token_id)]
+        normalized, _ = clean_text(raw)
+        sentences = split_sentences(normalized)
+        assert ids == [i for e in tok.encode_batch(sentences, add_special_tokens=False) for i in e.ids]
+        if tok.unk_token_id not in ids:  # [UNK] cannot give its character back
+            decoded = "".join(tok.decode(row) for _, row, _ in rows)
+            assert decoded == "".join(normalized.split())  # MeCab drops spaces: compare without them
+            compared += 1
+    assert not by_doc and compared > 1000
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
+    """Good records with planted bad ones; returns (folder, expected rejects by reason)."""
+    root = tmp_path_factory.mktemp("bad_corpus")
+    good = sample_texts[:200]
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in good]
+    planted = {
+        "invalid_utf8": b'{"text": "\xff\xfe\xe6\x97"}',
+        "invalid_json": '{"text": "閉じていない'.encode(),
+        "missing_field": json.dumps({"body": "本文です。"}, ensure_ascii=False).encode(),
+        "not_text": b'{"text": 42}',
+        "empty": b'{"text": "   "}',
+        "no_japanese": b'{"text": "This record is only English text."}',
+        "too_long": json.dumps({"text": "長い文章です。" * 250_000}, ensure_ascii=False).encode(),  # a 5 MB line
+    }
+    nul_kept = json.dumps({"text": "NUL\u0000を含むが日本語の文です。"}, ensure_ascii=False).encode()
+    nul_only = json.dumps({"text": "\u0000" * 5}).encode()
+    body = lines[:100] + list(planted.values()) + [nul_kept, nul_only] + lines[100:]
+    (root / "a.jsonl").write_bytes(b"\n".join(body) + b"\n")
+    (root / "b.txt").write_text("テキストの一行目です。\n\nEnglish only\n二行目です。\n", encoding="utf-8")
+    (root / "c.txt").write_bytes(np.random.default_rng(0).bytes(20_000))  # a binary file given as corpus
+    truncated = gzip.compress("\n".join(json.dumps({"text": t}) for t in good[:50]).encode())
+    (root / "d.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])  # a corrupt .gz
+    expected = Counter({reason: 1 for reason in planted})
+    expected.update({"binary": 2, "empty": 1, "no_japanese": 1, "unreadable": 1})  # NUL-only line, c.txt; b.txt
+    return root, expected
+
+
+def test_planted_bad_records_are_counted_and_kept_in_rejects(ray_cluster, bad_corpus, tokenizer_dir, tmp_path):
+    corpus, expected = bad_corpus
+    out = tmp_path / "shards"
+    assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                 "--no-progress", "--batch-size", "64"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rejects_by_reason"] == dict(expected)
+    assert manifest["records_read"] == manifest["records_kept"] + manifest["records_rejected"]
+    assert manifest["records_kept"] == manifest["documents"]
+    rejects = [json.loads(line) for f in sorted((out / "rejects").glob("*.jsonl")) for line in f.open()]
+    assert Counter(r["reason"] for r in rejects) == expected
+    assert all(set(r) == {"record_id", "reason", "record"} and len(r["record"]) <= 2000 for r in rejects)
+    assert {r["record_id"] for r in rejects if r["reason"] == "binary"} >= {"c.txt:1"}
+    docs = {row["doc_id"]: row for row in read_split(out)}
+    assert "a.jsonl:108" in docs  # the record with an escaped NUL is kept, the NUL turned into a space
+    assert docs["b.txt:1"] and "b.txt:2" not in docs
+    assert {r["record_id"] for r in rejects if r["reason"] == "unreadable"} == {"d.jsonl.gz:1"}
+
+
+def test_refusals_are_one_clear_line(ray_cluster, tokenizer_dir, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["日本語の文です。"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("not ours")
+    args = ["preprocess", "--input", str(corpus), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*args, "--tokenizer", str(tmp_path)]) == 2
+    assert main([*args, "--tokenizer", str(tokenizer_dir)]) == 2
+    assert main([*args, "--tokenizer", str(tokenizer_dir), "--overwrite"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and "not a tokenizer directory" in errors[0]
+    assert "not empty" in errors[1] and "other files" in errors[2]
+    assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_options_pack_across_docs_and_static_masking(ray_cluster, tokenizer_dir, tok, sample_texts, tmp_path):
+    from jbert_ray.masking import IGNORE_INDEX
+
+    corpus = write_jsonl(tmp_path / "ja.jsonl", sample_texts[:400])
+    per_doc = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "per_doc", static_masking=2))
+    across = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "across", pack_across_docs=True))
+    assert across["sentence_tokens"] == per_doc["sentence_tokens"]
+    assert across["sequences"] < per_doc["sequences"] / 3 and across["padding_waste"] < per_doc["padding_waste"]
+    rows = {(r["doc_id"], r["seq_index"]): r["input_ids"] for r in read_split(tmp_path / "per_doc")}
+    static = read_split(tmp_path / "per_doc", "static/train")
+    assert len(static) == 2 * len(rows) and per_doc["static_masking"]["copies"] == 2
+    masked = total = 0
+    for row in static:
+        original = np.array(rows[(row["doc_id"], row["seq_index"])])
+        labels, ids = np.array(row["labels"]), np.array(row["input_ids"])
+        assert len(ids) == len(original) == len(labels)
+        assert (labels[labels != IGNORE_INDEX] == original[labels != IGNORE_INDEX]).all()
+        assert (ids[labels == IGNORE_INDEX] == original[labels == IGNORE_INDEX]).all()
+        assert not np.isin(original[labels != IGNORE_INDEX], sorted(tok.special_ids)).any()
+        masked, total = masked + (labels != IGNORE_INDEX).sum(), total + (original > 4).sum()
+    assert 0.10 < masked / total < 0.20
+
+
+def test_killed_run_resumes_without_duplicated_or_missing_documents(
+    ray_cluster, tokenizer_dir, sample_texts, tmp_path
+):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for part in range(3):
+        write_jsonl(corpus / f"part{part}.jsonl", sample_texts[part * 2000 : (part + 1) * 2000])
+    out = tmp_path / "shards"
+    args = ["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--batch-size", "100"]
+    # Our own child (and the local Ray it starts) in a fresh process group, so only it is killed.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jobs.preprocess", *args, "--no-progress", "--num-cpus", "2"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    done = out / ".staging" / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None and len(list(done.glob("*.json"))) < 5:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    _wait_for_group_exit(child.pid)
+    assert not (out / "manifest.json").exists()  # killed mid-way: the output does not look complete
+    before = len(list(done.glob("*.json")))
+    assert 5 <= before < 60
+
+    assert main(["preprocess", *args, "--no-progress"]) == 2  # not empty: refuses without --resume
+    manifest = run_preprocess(config(corpus, tokenizer_dir, out, batch_size=100, resume=True))
+    assert manifest["resumed"] and manifest["records_read"] == 6000
+    rows = read_split(out)
+    keys = [(r["doc_id"], r["seq_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == manifest["sequences"]  # nothing written twice
+    expected = {f"part{p}.jsonl:{n}" for p in range(3) for n in range(1, 2001)}
+    assert {r["doc_id"] for r in rows} == expected  # nothing missing (no sample record is rejected)
+    assert sum(r["n_tokens"] for r in rows) == manifest["tokens"]
+
+    fresh = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "fresh", batch_size=100))
+    assert {k: fresh[k] for k in ("documents", "sentences", "sequences", "tokens")} == {
+        k: manifest[k] for k in ("documents", "sentences", "sequences", "tokens")
+    }
+
+
+def _wait_for_group_exit(pgid: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
