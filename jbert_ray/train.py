@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import shutil
@@ -241,10 +242,10 @@ def _check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> Non
     from jbert_ray.output_dir import prepare_output_dir
 
     prepare_output_dir(run_dir, allow_existing=True)
-    identity = {
+    identity = json.loads(json.dumps({  # JSON round trip: compare what the file holds (int keys become str)
         "model_config": bert_config, "init_from": cfg.init_from, "global_batch_size": cfg.global_batch_size,
         "seed": cfg.seed, "whole_word": cfg.masking.whole_word, "mask_prob": cfg.masking.mask_prob,
-    }
+    }))
     saved = read_json(run_dir / CONFIG_FILE)
     if saved is None:
         if any(p.name not in (CONFIG_FILE,) for p in run_dir.iterdir()):
