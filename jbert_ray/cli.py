@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_vocab(commands)
     _add_preprocess(commands)
+    _add_pretrain(commands)
     _add_tokenize(commands)
     _add_demo(commands)
     return parser
@@ -199,6 +200,100 @@ def _run_preprocess(args: argparse.Namespace) -> None:
         f"{m['padding_waste']:.1%}; {m.get('seconds', 0):.1f} s → {args.out}"
         + (" (already complete: nothing to resume)" if m.get("already_complete") else "")
     )
+
+
+def _add_pretrain(commands) -> None:
+    sub = _command(
+        commands, "pretrain",
+        "Pretrain a BERT masked LM on preprocessed shards with Ray Train (re-run the same --out to resume).",
+        _run_pretrain,
+    )
+    sub.add_argument("--data", required=True, metavar="SHARDS_DIR", help="output of `jbert preprocess`")
+    sub.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, model/, metrics)")
+    sub.add_argument(
+        "--model-config", default="tiny", metavar="tiny|small|base|CONFIG.json",
+        help="size preset, or a JSON file of ModelConfig fields or an HF BertConfig",
+    )
+    sub.add_argument("--init-from", metavar="MODEL_DIR", help="continue pretraining an HF BERT model directory")
+    sub.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    sub.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
+    sub.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker; 0 = auto")
+    sub.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    sub.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimizer step")
+    sub.add_argument("--micro-batch-size", type=int, default=32, help="sequences per forward per worker")
+    sub.add_argument("--learning-rate", type=float, default=5e-4, help="peak AdamW learning rate")
+    sub.add_argument("--warmup-steps", type=int, default=-1, help="linear warmup steps; -1 = 6%% of max steps")
+    sub.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    sub.add_argument("--mask-prob", type=float, default=0.15, help="fraction of words selected for prediction")
+    sub.add_argument("--token-masking", action="store_true", help="select tokens instead of whole MeCab words")
+    sub.add_argument("--seed", type=int, default=0, help="initialization, dropout, masks and data order")
+    sub.add_argument("--log-every", type=int, default=10, help="steps between metric rows")
+    sub.add_argument("--eval-every", type=int, default=200, help="steps between evaluations on valid/")
+    sub.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    sub.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept")
+    sub.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    _add_ray_flags(sub)
+
+
+def _run_pretrain(args: argparse.Namespace) -> None:
+    from jbert_ray.masking import MaskingConfig
+    from jbert_ray.train import PretrainConfig, run_pretraining
+
+    try:
+        masking = MaskingConfig(mask_prob=args.mask_prob, whole_word=not args.token_masking)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    config = PretrainConfig(
+        data_dir=args.data, output_dir=args.out, model_config=args.model_config, init_from=args.init_from,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        max_steps=args.max_steps, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        masking=masking, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        max_failures=args.max_failures, show_progress=not args.no_progress,
+    )
+    init_ray(args.num_cpus, show_progress=not args.no_progress)
+    r = run_pretraining(config)
+    evaluated = f", valid loss {r['eval_loss']:.3f}, accuracy {r['eval_accuracy']:.1%}" if r["eval_loss"] else ""
+    print(
+        f"pretrain: step {r['step']:,}, train loss {r['first_loss']:.3f} → {r['final_loss']:.3f}{evaluated}; "
+        f"{r['tokens_per_s']:,.0f} tokens/s; {r['seconds']:.1f} s → {r['model_dir']}"
+    )
+
+
+def _add_tokenize(commands) -> None:
+    sub = _command(
+        commands, "tokenize", "Show how a tokenizer directory splits texts (arguments, or stdin lines).",
+        _run_tokenize,
+    )
+    sub.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="tokenizer directory")
+    sub.add_argument("texts", nargs="*", help="texts to tokenize (default: one per line from stdin)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object per text")
+
+
+def _run_tokenize(args: argparse.Namespace) -> None:
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(args.tokenizer)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    for text, encoding in zip(texts, tokenizer.encode_batch(texts)):
+        tokens = tokenizer.convert_ids_to_tokens(encoding.ids)
+        if args.json:
+            record = {"text": text, "tokens": tokens, "ids": encoding.ids, "word_start": encoding.word_start}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            words = _group_words(tokens, encoding.word_start)
+            print(f"{text}\n  words:  {' | '.join(words)}\n  ids:    {encoding.ids}")
+
+
+def _group_words(tokens: list[str], word_start: list[bool]) -> list[str]:
+    words: list[str] = []
+    for token, start in zip(tokens, word_start):
+        if start or not words:
+            words.append(token)
+        else:
+            words[-1] += " " + token
+    return words
 
 
 def _add_tokenize(commands) -> None:
