@@ -1,0 +1,282 @@
+"""HTTP fill-mask and PLL scoring on Ray Serve: a FastAPI ingress around the one inference core, `MaskedLM`.
+
+Concurrent requests are batched per text with `@serve.batch`; replicas autoscale on ongoing requests; past
+`max_queued_requests` the proxy answers 503 instead of queueing without bound. This module adds only HTTP concerns
+(limits, 4xx messages, auth, counters): what the model predicts is decided in `jbert_ray.inference`.
+Entry points: `serve run serve.app:app model_dir=DIR`, `serve deploy serve/config.yaml`, `jbert serve --model DIR`.
+"""
+
+import asyncio  # no `from __future__ import annotations`: FastAPI must see the route types inside serve.ingress
+import hmac
+import os
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from ray import serve
+from ray.serve import Application
+
+from jbert_ray.errors import UserError
+
+MASK = "[MASK]"
+MODEL_DIR_ENV = "JBERT_MODEL_DIR"  # read only by the application builder, at the edge
+API_TOKEN_ENV = "JBERT_API_TOKEN"
+
+
+class ServeArgs(BaseModel):
+    """Application arguments (`serve run serve.app:app key=value`, `args:` in serve/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # a local directory
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    max_batch_size: int = Field(32, ge=1)  # texts per @serve.batch call (one forward pass, length-bucketed)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill up
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(32, gt=0)  # per replica; keeps a full batch waiting while one runs
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; must exceed the target for autoscaling to see load
+    max_queued_requests: int = Field(256, ge=-1)  # waiting for a replica beyond this → HTTP 503 (-1 = unbounded)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(120, ge=0)
+    num_cpus: float = Field(1, ge=0)  # per replica
+    num_gpus: float = Field(0, ge=0)  # per replica; with device="auto" a GPU replica uses CUDA
+    num_threads: int = Field(0, ge=0)  # torch threads per replica; 0 = Ray's default (its CPU count, at least 1)
+    health_check_period_s: float = Field(10, gt=0)
+    max_texts: int = Field(32, ge=1)  # texts per request
+    max_text_chars: int = Field(2000, ge=1)
+    max_tokens: int = Field(0, ge=0)  # per text incl. [CLS]/[SEP]; 0 = the model's max length (no windows)
+    max_masks: int = Field(8, ge=1)  # [MASK]s per fill-mask text
+    max_top_k: int = Field(50, ge=1)
+    api_token: str = Field(default_factory=lambda: os.environ.get(API_TOKEN_ENV, ""), repr=False)
+
+
+class FillMaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr | None = None
+    texts: list[StrictStr] | None = None
+    top_k: StrictInt = 5
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr | None = None
+    texts: list[StrictStr] | None = None
+    method: Literal["pll", "pll-word-l2r"] = "pll"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+api = FastAPI(title="jbert fill-mask", description="Japanese BERT fill-mask and pseudo-log-likelihood scoring.")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return JSONResponse({"error": f"malformed JSON: {first.get('msg')}"}, status_code=400)
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    if where == "body":  # no body, or JSON that is not an object
+        return JSONResponse({"error": "the request body must be a JSON object"}, status_code=422)
+    return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+
+def _batched_response(key: str, answers: list[tuple[object, int]]) -> JSONResponse:
+    # X-Batch-Size: the largest @serve.batch call this request's texts ran in (shows batching at work).
+    batch_size = max(size for _, size in answers)
+    return JSONResponse({key: [result for result, _ in answers]}, headers={"X-Batch-Size": str(batch_size)})
+
+
+# serve.ingress copies the class (cloudpickle) as soon as it is decorated: everything its methods use must be
+# defined above this line.
+@serve.deployment
+@serve.ingress(api)
+class FillMaskDeployment:
+    """One replica: a MaskedLM loaded once; HTTP requests are split into texts and batched across callers."""
+
+    def __init__(self, args: dict):
+        import torch
+
+        from jbert_ray.inference import MaskedLM
+
+        self.args = ServeArgs(**args)
+        if self.args.num_threads:
+            torch.set_num_threads(self.args.num_threads)
+        self.lm = MaskedLM.from_pretrained(self.args.model_dir, device=self.args.device)
+        self.max_tokens = min(self.args.max_tokens or self.lm.max_length, 1 << 20)
+        for method in (self._fill_mask_batch, self._score_batch):
+            method.set_max_batch_size(self.args.max_batch_size)
+            method.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._model_lock = asyncio.Lock()  # one forward at a time per replica: MeCab and the CPU threads are shared
+        self.stats = {name: {"batches": 0, "texts": 0, "max_batch_size": 0} for name in ("fill_mask", "score")}
+        self.started_at = time.time()
+
+    # ---- routes ----
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self, authorization: str | None = Header(None)) -> dict:
+        self._authorize(authorization)
+        context = serve.get_replica_context()
+        limits = ("max_texts", "max_text_chars", "max_masks", "max_top_k")
+        return {
+            "model_dir": self.lm.model_dir,
+            "vocab_size": self.lm.vocab_size,
+            "max_length": self.lm.max_length,
+            "device": str(self.lm.device),
+            "replica": context.replica_id.to_full_id_str(),
+            "batching": {"max_batch_size": self.args.max_batch_size,
+                         "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+            "max_ongoing_requests": self.args.max_ongoing_requests,
+            "max_queued_requests": self.args.max_queued_requests,
+            "autoscaling": {"min_replicas": self.args.min_replicas, "max_replicas": self.args.max_replicas,
+                            "target_ongoing_requests": self.args.target_ongoing_requests},
+            "limits": {**{k: getattr(self.args, k) for k in limits}, "max_tokens": self.max_tokens},
+            "stats": self.stats,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    @api.post("/fill-mask")
+    async def fill_mask(self, body: FillMaskRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        """For every [MASK] of every text: the top_k tokens with probabilities."""
+        self._authorize(authorization)
+        if not 1 <= body.top_k <= self.args.max_top_k:
+            raise ApiError(422, f"top_k must be between 1 and {self.args.max_top_k}, not {body.top_k}")
+        texts = self._texts(body.text, body.texts, check=self._check_fill_mask_text)
+        answers = await asyncio.gather(*(self._fill_mask_batch((text, body.top_k)) for text in texts))
+        return _batched_response("predictions", answers)
+
+    @api.post("/score")
+    async def score(self, body: ScoreRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        """Pseudo-log-likelihood of each text, with per-token values."""
+        self._authorize(authorization)
+        texts = self._texts(body.text, body.texts, check=self._check_length)
+        answers = await asyncio.gather(*(self._score_batch((text, body.method)) for text in texts))
+        return _batched_response("scores", answers)
+
+    # ---- batching: each caller passes one text; Serve hands us the texts of concurrent requests together ----
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # replaced from ServeArgs in __init__
+    async def _fill_mask_batch(self, items: list[tuple[str, int]]) -> list[tuple[list, int]]:
+        top_k = max(k for _, k in items)
+        results = await self._run("fill_mask", len(items), self.lm.fill_mask, [t for t, _ in items], top_k)
+        return [([candidates[:k] for candidates in per_mask], len(items))
+                for per_mask, (_, k) in zip(results, items)]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, items: list[tuple[str, str]]) -> list[tuple[dict, int]]:
+        results: list = [None] * len(items)
+        for method in {m for _, m in items}:  # a batch may mix methods; each runs as one packed call
+            indices = [i for i, (_, m) in enumerate(items) if m == method]
+            scores = await self._run("score", len(items), self.lm.score, [items[i][0] for i in indices], method)
+            for i, result in zip(indices, scores):
+                results[i] = (result, len(items))
+        return results
+
+    async def _run(self, name: str, batch_size: int, method: Callable, *args):
+        async with self._model_lock:
+            # In a thread, so the replica keeps accepting requests (and filling the next batch) meanwhile.
+            results = await asyncio.to_thread(method, *args)
+        stats = self.stats[name]
+        stats["batches"] += 1
+        stats["texts"] += batch_size
+        stats["max_batch_size"] = max(stats["max_batch_size"], batch_size)
+        return results
+
+    # ---- validation ----
+
+    def _authorize(self, authorization: str | None) -> None:
+        if not self.args.api_token:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.args.api_token):
+            raise ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <JBERT_API_TOKEN>')")
+
+    def _texts(self, text: str | None, texts: list[str] | None, check: Callable[[int, str], None]) -> list[str]:
+        if (text is None) == (texts is None):
+            raise ApiError(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)')
+        texts = [text] if text is not None else texts
+        if not texts:
+            raise ApiError(422, '"texts" is empty')
+        if len(texts) > self.args.max_texts:
+            raise ApiError(413, f"{len(texts)} texts in one request; the limit is {self.args.max_texts}")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise ApiError(422, f"text {i} is empty")
+            if len(t) > self.args.max_text_chars:
+                raise ApiError(413, f"text {i} has {len(t)} characters; the limit is {self.args.max_text_chars}")
+            check(i, t)
+        return texts
+
+    def _check_fill_mask_text(self, i: int, text: str) -> None:
+        masks = text.count(MASK)
+        if masks == 0:
+            raise ApiError(422, f"text {i} has no {MASK}")
+        if masks > self.args.max_masks:
+            raise ApiError(422, f"text {i} has {masks} {MASK}s; the limit is {self.args.max_masks}")
+        self._check_length(i, text)
+
+    def _check_length(self, i: int, text: str) -> None:
+        n_tokens = len(self.lm.encode([text])[0].ids)
+        if n_tokens > self.max_tokens:
+            raise ApiError(413, f"text {i} has {n_tokens} tokens; the limit is {self.max_tokens}")
+
+
+def build_app(args: dict | ServeArgs) -> Application:
+    """The Serve application: `serve run serve.app:app model_dir=DIR` (or JBERT_MODEL_DIR=DIR)."""
+    from jbert_ray.checkpoint import check_model_dir
+
+    if not isinstance(args, ServeArgs):  # Serve passes the `key=value` arguments as a dict of strings
+        args = ServeArgs(**(args or {}))
+    if not args.model_dir:
+        raise UserError(f"no model directory: pass model_dir=DIR (or --model DIR) or set {MODEL_DIR_ENV}")
+    args = args.model_copy(update={"model_dir": str(check_model_dir(args.model_dir).resolve())})
+    if args.max_replicas < max(args.min_replicas, 1):
+        raise UserError(f"max_replicas {args.max_replicas} is below min_replicas {args.min_replicas}")
+    deployment = FillMaskDeployment.options(
+        autoscaling_config={
+            "min_replicas": args.min_replicas,
+            "initial_replicas": max(args.min_replicas, 1),
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
+        },
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        health_check_period_s=args.health_check_period_s,
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+    )
+    return deployment.bind(args.model_dump())
+
+
+def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`jbert serve`: start Serve on the connected Ray, deploy the app, block until Ctrl-C, then shut it down."""
+    app = build_app(args)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="jbert", route_prefix="/")
+    print(f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
+          "Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

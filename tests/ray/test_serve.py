@@ -1,0 +1,181 @@
+"""The Serve endpoint on 127.0.0.1 with the tiny model: parity, limits and 4xx, batching, 503, auth, replica loss."""
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from jbert_ray.serving import ServeArgs, build_app
+
+pytestmark = pytest.mark.ray
+
+TEXTS = ["東京は日本の[MASK]です。", "今日は[MASK]が降っているので、[MASK]を持って出かけた。", "[MASK]を食べた。"]
+SMALL_REPLICA = {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "health_check_period_s": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_cluster, tiny_model_dir):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs(model_dir=str(tiny_model_dir), max_batch_size=16, batch_wait_timeout_s=0.05, max_tokens=128,
+                     **{**SMALL_REPLICA, "num_cpus": 0.5})
+    serve.run(build_app(args), name="jbert-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture
+def extra_app(serve_url, tiny_model_dir):
+    """Deploy a second, differently configured app under /extra for one test; delete it afterwards."""
+    from ray import serve
+
+    def deploy(**overrides):
+        args = ServeArgs(model_dir=str(tiny_model_dir), **{**SMALL_REPLICA, **overrides})
+        serve.run(build_app(args), name="jbert-extra", route_prefix="/extra")
+        return f"{serve_url}/extra"
+
+    yield deploy
+    serve.delete("jbert-extra")
+
+
+def post(url: str, body, headers: dict | None = None) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return requests.post(url, data=data.encode(), headers=headers, timeout=60)
+
+
+def test_healthz_and_info(serve_url, tiny_model_dir):
+    assert requests.get(f"{serve_url}/healthz", timeout=10).json() == {"status": "ok"}
+    info = requests.get(f"{serve_url}/info", timeout=10).json()
+    assert info["model_dir"] == str(tiny_model_dir.resolve()) and info["max_length"] == 512
+    assert info["vocab_size"] > 1000 and info["batching"]["max_batch_size"] == 16
+
+
+def test_fill_mask_matches_the_transformers_pipeline(serve_url, tiny_model_dir):
+    from transformers import pipeline
+
+    response = post(f"{serve_url}/fill-mask", {"texts": TEXTS, "top_k": 5})
+    assert response.status_code == 200, response.text
+    fill_mask = pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
+    for text, per_mask in zip(TEXTS, response.json()["predictions"]):
+        reference = fill_mask(text, top_k=5)
+        reference = [reference] if isinstance(reference[0], dict) else reference
+        assert len(per_mask) == len(reference) == text.count("[MASK]")
+        for ours, theirs in zip(per_mask, reference):
+            assert ours[0]["token_id"] == theirs[0]["token"]
+            assert [c["score"] for c in ours] == pytest.approx([c["score"] for c in theirs], abs=1e-5)
+
+
+def test_score_equals_a_naive_one_forward_per_position_reference(serve_url, tiny_model_dir, sample_texts):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    texts = [t for t in sample_texts[:50] if 10 <= len(t) <= 40][:4]
+    response = post(f"{serve_url}/score", {"texts": texts})
+    assert response.status_code == 200, response.text
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = BertForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    for text, result in zip(texts, response.json()["scores"]):
+        ids = tokenizer(text)["input_ids"]
+        reference = []
+        for j in range(1, len(ids) - 1):
+            masked = ids[:j] + [tokenizer.mask_token_id] + ids[j + 1:]
+            with torch.no_grad():
+                logits = model(torch.tensor([masked])).logits[0, j]
+            reference.append(torch.log_softmax(logits, -1)[ids[j]].item())
+        assert result["token_pll"] == pytest.approx(reference, abs=1e-4)
+        assert result["pll"] == pytest.approx(sum(reference), abs=1e-3)
+
+
+TOO_MANY_MASKS = "".join(["猫[MASK]"] * 9)
+BAD_REQUESTS = [
+    ("fill-mask", '{"text": "東京', 400, "malformed JSON"),
+    ("fill-mask", "[1, 2]", 422, "JSON object"),
+    ("fill-mask", "{}", 422, "exactly one of"),
+    ("fill-mask", {"text": "a[MASK]", "texts": ["b[MASK]"]}, 422, "exactly one of"),
+    ("fill-mask", {"text": "   "}, 422, "text 0 is empty"),
+    ("fill-mask", {"texts": []}, 422, '"texts" is empty'),
+    ("fill-mask", {"text": 5}, 422, "text: Input should be a valid string"),
+    ("fill-mask", {"texts": ["猫[MASK]", None]}, 422, "texts.1: Input should be a valid string"),
+    ("fill-mask", {"text": "東京は日本の首都です。"}, 422, "text 0 has no [MASK]"),
+    ("fill-mask", {"text": TOO_MANY_MASKS}, 422, "9 [MASK]s; the limit is 8"),
+    ("fill-mask", {"text": "あ" * 2001 + "[MASK]"}, 413, "characters; the limit is 2000"),
+    ("fill-mask", {"text": "東京は日本の首都です。" * 30 + "[MASK]"}, 413, "tokens; the limit is 128"),
+    ("fill-mask", {"text": "[MASK]", "top_k": 0}, 422, "top_k must be between 1 and 50"),
+    ("fill-mask", {"text": "[MASK]", "top_k": 51}, 422, "top_k must be between 1 and 50"),
+    ("fill-mask", {"text": "[MASK]", "top_k": "5"}, 422, "top_k: Input should be a valid integer"),
+    ("fill-mask", {"texts": ["猫[MASK]"] * 33}, 413, "33 texts in one request; the limit is 32"),
+    ("fill-mask", {"text": "[MASK]", "topk": 3}, 422, "topk: Extra inputs are not permitted"),
+    ("score", {"texts": ["東京"], "method": "bogus"}, 422, "method: Input should be"),
+    ("score", {"texts": [""]}, 422, "text 0 is empty"),
+    ("score", {"texts": "東京"}, 422, "texts: Input should be a valid list"),
+]
+
+
+@pytest.mark.parametrize("route, body, status, message", BAD_REQUESTS)
+def test_bad_input_gets_its_4xx_with_a_message(serve_url, route, body, status, message):
+    response = post(f"{serve_url}/{route}", body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_concurrent_requests_are_batched(serve_url):
+    def one(i: int) -> requests.Response:
+        return post(f"{serve_url}/fill-mask", {"text": f"{i}番目の[MASK]です。", "top_k": 3})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(48)))
+    assert all(r.status_code == 200 for r in responses)
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    assert requests.get(f"{serve_url}/info", timeout=10).json()["stats"]["fill_mask"]["max_batch_size"] > 1
+
+
+def test_overload_gets_503(extra_app, sample_texts):
+    url = extra_app(max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)
+    slow = {"texts": [t for t in sample_texts if 60 <= len(t) <= 200][:32]}  # ~4k masked copies a request
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = [r.status_code for r in pool.map(lambda _: post(f"{url}/score", slow), range(12))]
+    assert 503 in statuses and 200 in statuses, statuses
+
+
+def test_bearer_token_is_required_when_set(extra_app):
+    url = extra_app(api_token="s3cret")
+    body = {"text": "東京は[MASK]です。"}
+    assert post(f"{url}/fill-mask", body).status_code == 401
+    wrong = post(f"{url}/fill-mask", body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "bearer token" in wrong.json()["error"]
+    ok = post(f"{url}/fill-mask", body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200, ok.text
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_killed_replica_is_replaced_and_the_service_answers_again(serve_url):
+    import ray
+
+    old = requests.get(f"{serve_url}/info", timeout=10).json()["replica"]
+    ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)  # only our own replica actor
+    deadline, new = time.monotonic() + 90, None
+    while time.monotonic() < deadline:
+        try:
+            info = requests.get(f"{serve_url}/info", timeout=5)
+            if info.status_code == 200 and info.json()["replica"] != old:
+                new = info.json()["replica"]
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    assert new is not None, "no new replica answered within 90 s"
+    response = post(f"{serve_url}/fill-mask", {"text": "東京は日本の[MASK]です。"})
+    assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 5
