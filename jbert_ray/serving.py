@@ -8,15 +8,16 @@ Entry points: `serve run serve.app:app model_dir=DIR`, `serve deploy serve/confi
 
 import asyncio  # no `from __future__ import annotations`: FastAPI must see the route types inside serve.ingress
 import hmac
+import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Literal
 
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
 from ray.serve import Application
 
@@ -83,15 +84,25 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status)
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
-    if first.get("type") == "json_invalid":
-        return JSONResponse({"error": f"malformed JSON: {first.get('msg')}"}, status_code=400)
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-    if where == "body":  # no body, or JSON that is not an object
-        return JSONResponse({"error": "the request body must be a JSON object"}, status_code=422)
-    return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as `model`, whatever the Content-Type (`curl -d` sends form-urlencoded); 400/422 if not."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"malformed JSON: {error}" if raw.strip() else "the request body is empty") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(422, f"{where}: {first['msg']}") from None
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _batched_response(key: str, answers: list[tuple[object, int]]) -> JSONResponse:
@@ -152,20 +163,22 @@ class FillMaskDeployment:
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
-    @api.post("/fill-mask")
-    async def fill_mask(self, body: FillMaskRequest, authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/fill-mask", openapi_extra=_body_schema(FillMaskRequest))
+    async def fill_mask(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """For every [MASK] of every text: the top_k tokens with probabilities."""
         self._authorize(authorization)
+        body = await _parse(request, FillMaskRequest)
         if not 1 <= body.top_k <= self.args.max_top_k:
             raise ApiError(422, f"top_k must be between 1 and {self.args.max_top_k}, not {body.top_k}")
         texts = self._texts(body.text, body.texts, check=self._check_fill_mask_text)
         answers = await asyncio.gather(*(self._fill_mask_batch((text, body.top_k)) for text in texts))
         return _batched_response("predictions", answers)
 
-    @api.post("/score")
-    async def score(self, body: ScoreRequest, authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/score", openapi_extra=_body_schema(ScoreRequest))
+    async def score(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """Pseudo-log-likelihood of each text, with per-token values."""
         self._authorize(authorization)
+        body = await _parse(request, ScoreRequest)
         texts = self._texts(body.text, body.texts, check=self._check_length)
         answers = await asyncio.gather(*(self._score_batch((text, body.method)) for text in texts))
         return _batched_response("scores", answers)
@@ -273,6 +286,8 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> No
     serve.run(app, name="jbert", route_prefix="/")
     print(f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
           "Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background by a shell
     try:
         while True:
             time.sleep(3600)

@@ -98,10 +98,17 @@ def test_score_equals_a_naive_one_forward_per_position_reference(serve_url, tiny
         assert result["pll"] == pytest.approx(sum(reference), abs=1e-3)
 
 
+def test_json_body_is_read_whatever_the_content_type(serve_url):
+    body = json.dumps({"text": "東京は日本の[MASK]です。"}, ensure_ascii=False).encode()
+    response = requests.post(f"{serve_url}/fill-mask", data=body, timeout=60)  # as `curl -d` sends it
+    assert response.status_code == 200, response.text
+
+
 TOO_MANY_MASKS = "".join(["猫[MASK]"] * 9)
 BAD_REQUESTS = [
     ("fill-mask", '{"text": "東京', 400, "malformed JSON"),
-    ("fill-mask", "[1, 2]", 422, "JSON object"),
+    ("fill-mask", "", 400, "the request body is empty"),
+    ("fill-mask", "[1, 2]", 422, "must be a JSON object, not list"),
     ("fill-mask", "{}", 422, "exactly one of"),
     ("fill-mask", {"text": "a[MASK]", "texts": ["b[MASK]"]}, 422, "exactly one of"),
     ("fill-mask", {"text": "   "}, 422, "text 0 is empty"),
