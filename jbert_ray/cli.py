@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(commands)
     _add_pretrain(commands)
     _add_tokenize(commands)
+    _add_serve(commands)
     _add_demo(commands)
     return parser
 
@@ -351,6 +352,40 @@ def _run_demo(args: argparse.Namespace) -> None:
         ray.shutdown()
     for name, path in artifacts.items():
         print(f"[demo] {name:<10} {path}")
+
+
+def _add_serve(commands) -> None:
+    sub = _command(
+        commands, "serve", "Serve POST /fill-mask and POST /score over HTTP with Ray Serve (until Ctrl-C).", _run_serve
+    )
+    sub.add_argument("--model", required=True, metavar="MODEL_DIR", help="our model dir or a Tohoku-style HF dir")
+    sub.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)")
+    sub.add_argument("--port", type=int, default=8000, help="HTTP port")
+    sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="replica device")
+    sub.add_argument("--max-replicas", type=int, default=1, help="autoscaling upper bound (replicas)")
+    sub.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
+    sub.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica")
+    sub.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = its CPU count)")
+    sub.add_argument("--max-batch-size", type=int, default=32, help="texts per batched forward")
+    sub.add_argument(
+        "--num-cpus", type=int, default=None,
+        help="CPUs of the local Ray started when not under `ray job submit` (None = all)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.serving import ServeArgs, run_server
+
+    check_model_dir(args.model)  # fail before starting Ray
+    if args.max_replicas < 1 or args.max_batch_size < 1 or not 0 < args.port < 65536:
+        raise UserError("--max-replicas and --max-batch-size must be ≥ 1 and --port within 1..65535")
+    serve_args = ServeArgs(
+        model_dir=args.model, device=args.device, max_replicas=args.max_replicas, num_cpus=args.replica_cpus,
+        num_gpus=args.replica_gpus, num_threads=args.threads, max_batch_size=args.max_batch_size,
+    )  # JBERT_API_TOKEN, when set, turns on bearer auth
+    init_ray(args.num_cpus, show_progress=False)
+    run_server(serve_args, host=args.host, port=args.port)
 
 
 def init_ray(num_cpus: int | None = None, show_progress: bool = True) -> None:
