@@ -282,13 +282,13 @@ def build_app(args: dict | ServeArgs) -> Application:
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
     """`jbert serve`: start Serve on the connected Ray, deploy the app, block until Ctrl-C, then shut it down."""
     app = build_app(args)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="jbert", route_prefix="/")
-    print(f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
-          "Ctrl-C to stop", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down like Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background by a shell
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name="jbert", route_prefix="/")
+        print(f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
+              "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
