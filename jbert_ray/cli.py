@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(commands)
     _add_pretrain(commands)
     _add_tokenize(commands)
+    _add_score(commands)
     _add_serve(commands)
     _add_demo(commands)
     return parser
@@ -297,39 +298,70 @@ def _group_words(tokens: list[str], word_start: list[bool]) -> list[str]:
     return words
 
 
-def _add_tokenize(commands) -> None:
+def _add_score(commands) -> None:
     sub = _command(
-        commands, "tokenize", "Show how a tokenizer directory splits texts (arguments, or stdin lines).",
-        _run_tokenize,
+        commands, "score",
+        "Score every row of a corpus with a model's pseudo-log-likelihood (PLL); optionally filter the corpus.",
+        _run_score,
     )
-    sub.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="tokenizer directory")
-    sub.add_argument("texts", nargs="*", help="texts to tokenize (default: one per line from stdin)")
-    sub.add_argument("--json", action="store_true", help="print one JSON object per text")
+    sub.add_argument(
+        "--input", required=True, metavar="CORPUS",
+        help="file, folder or glob of .jsonl/.txt/.parquet (optionally .gz); local path or s3://, gs://, hdfs://",
+    )
+    sub.add_argument("--model", required=True, metavar="MODEL_DIR", help="our model dir or a Tohoku-style HF dir")
+    sub.add_argument("--out", required=True, metavar="SCORES_DIR", help="output: parts/*.parquet, summary.json")
+    sub.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
+    sub.add_argument("--id-column", default=None, help="field/column with row ids (default: file:line)")
+    sub.add_argument("--actors", type=int, default=0, help="scoring actors (0 = one per CPU or GPU share)")
+    sub.add_argument("--batch-size", type=int, default=64, help="rows per actor call")
+    sub.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0 = CPU)")
+    sub.add_argument("--method", default="pll", choices=["pll", "pll-word-l2r"], help="PLL variant")
+    sub.add_argument(
+        "--long-text", default="window", choices=["window", "error"],
+        help="texts longer than the model: score in sliding windows, or mark the row too_long",
+    )
+    sub.add_argument("--top-k", type=int, default=5, help="fill-mask candidates for texts containing [MASK]")
+    group = sub.add_mutually_exclusive_group()
+    group.add_argument("--filter-below", type=float, default=None, metavar="X",
+                       help="also write rows with PLL per token ≥ X as a cleaned corpus (input's format)")
+    group.add_argument("--filter-percentile", type=float, default=None, metavar="P",
+                       help="also write the corpus without its lowest P%% of rows by PLL per token")
+    sub.add_argument("--rows-per-part", type=int, default=4096, help="rows per output parquet file")
+    sub.add_argument("--resume", action="store_true", help="keep finished parts; score only missing rows")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_ray_flags(sub)
 
 
-def _run_tokenize(args: argparse.Namespace) -> None:
-    from jbert_ray.tokenizer import JapaneseTokenizer
+def _run_score(args: argparse.Namespace) -> None:
+    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.corpus import resolve_paths
+    from jbert_ray.scoring import ScoreConfig, run_scoring
 
-    tokenizer = JapaneseTokenizer.from_pretrained(args.tokenizer)
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
-    for text, encoding in zip(texts, tokenizer.encode_batch(texts)):
-        tokens = tokenizer.convert_ids_to_tokens(encoding.ids)
-        if args.json:
-            record = {"text": text, "tokens": tokens, "ids": encoding.ids, "word_start": encoding.word_start}
-            print(json.dumps(record, ensure_ascii=False))
-        else:
-            words = _group_words(tokens, encoding.word_start)
-            print(f"{text}\n  words:  {' | '.join(words)}\n  ids:    {encoding.ids}")
-
-
-def _group_words(tokens: list[str], word_start: list[bool]) -> list[str]:
-    words: list[str] = []
-    for token, start in zip(tokens, word_start):
-        if start or not words:
-            words.append(token)
-        else:
-            words[-1] += " " + token
-    return words
+    if args.batch_size < 1 or args.actors < 0 or not 1 <= args.top_k <= 50:
+        raise UserError("--batch-size must be ≥ 1, --actors ≥ 0 and --top-k between 1 and 50")
+    if args.filter_percentile is not None and not 0 <= args.filter_percentile < 100:
+        raise UserError("--filter-percentile must be in [0, 100)")
+    config = ScoreConfig(
+        input=args.input, model_dir=args.model, output_dir=args.out, text_field=args.text_field,
+        id_column=args.id_column, num_actors=args.actors, batch_size=args.batch_size,
+        gpus_per_actor=args.gpus_per_actor, method=args.method, long_text=args.long_text, top_k=args.top_k,
+        filter_below=args.filter_below, filter_percentile=args.filter_percentile,
+        rows_per_part=max(args.rows_per_part, 1), resume=args.resume,
+        overwrite=args.overwrite, show_progress=not args.no_progress,
+    )
+    resolve_paths(config.input)  # fail before Ray starts
+    check_model_dir(config.model_dir)
+    init_ray(args.num_cpus, show_progress=not args.no_progress)
+    summary = run_scoring(config)
+    errors = ", ".join(f"{k}={v:,}" for k, v in sorted(summary["errors_by_reason"].items())) or "none"
+    print(
+        f"score: {summary['rows_in']:,} rows in, {summary['rows_scored']:,} scored, "
+        f"{summary['rows_with_error']:,} with errors ({errors}); {summary['rows_this_run']:,} this run at "
+        f"{summary['sentences_per_s']:,.1f} sentences/s → {args.out}"
+    )
+    if summary["filtered"]:
+        f = summary["filtered"]
+        print(f"score: kept {f['rows_kept']:,} rows with PLL/token ≥ {f['threshold']:.3f} → {f['path']}")
 
 
 def _add_demo(commands) -> None:
