@@ -41,23 +41,29 @@ class Packer:
 
     def add(self, ids: Sequence[int], word_start: Sequence[bool], doc_id: str) -> None:
         """Append one sentence (without special tokens); start a new row when it does not fit."""
-        if not ids:
+        n = len(ids)
+        if not n:
             return
-        if len(ids) != len(word_start):
-            raise ValueError(f"{len(ids)} ids but {len(word_start)} word_start flags")
+        if n != len(word_start):
+            raise ValueError(f"{n} ids but {len(word_start)} word_start flags")
         self.sentences += 1
-        if self._ids and len(self._ids) + len(ids) + 1 > self.max_seq_len:
+        if self._ids and len(self._ids) + n + 1 > self.max_seq_len:
             self.flush()
-        capacity = self.max_seq_len - 2  # room for one piece in a fresh row: [CLS] piece [SEP]
+        if n > self.max_seq_len - 2:  # longer than a fresh row holds: [CLS] piece [SEP]
+            self._add_long(ids, word_start, doc_id)
+        else:
+            self._append(ids, word_start, doc_id)
+
+    def _add_long(self, ids: Sequence[int], word_start: Sequence[bool], doc_id: str) -> None:
+        self.split_sentences += 1
+        capacity = self.max_seq_len - 2
         start = 0
-        if len(ids) > capacity:
-            self.split_sentences += 1
-            while len(ids) - start > capacity:  # an offset, not re-slicing: linear in the sentence length
-                cut = start + split_point(word_start[start : start + capacity + 1], capacity)
-                self._append(ids[start:cut], word_start[start:cut], doc_id)
-                self.flush()
-                start = cut
-        self._append(ids[start:] if start else ids, word_start[start:] if start else word_start, doc_id)
+        while len(ids) - start > capacity:  # an offset, not re-slicing: linear in the sentence length
+            cut = start + split_point(word_start[start : start + capacity + 1], capacity)
+            self._append(ids[start:cut], word_start[start:cut], doc_id)
+            self.flush()
+            start = cut
+        self._append(ids[start:], word_start[start:], doc_id)
 
     def flush(self) -> None:
         """Close the current row (a document ends, or the next sentence does not fit)."""
@@ -74,13 +80,18 @@ class Packer:
         return rows
 
     def _append(self, ids: Sequence[int], word_start: Sequence[bool], doc_id: str) -> None:
-        if not self._ids:
-            self._ids, self._starts, self._doc_id = [self.cls_id], [True], doc_id
-        self._ids.extend(ids)
-        self._starts.extend(word_start)
-        self._ids.append(self.sep_id)
-        self._starts.append(True)
         self.pieces += 1
+        if not self._ids:  # a fresh row (the hot path: most documents are one row)
+            self._ids, self._starts, self._doc_id = (
+                [self.cls_id, *ids, self.sep_id],
+                [True, *word_start, True],
+                doc_id,
+            )
+            return
+        self._ids += ids
+        self._ids.append(self.sep_id)
+        self._starts += word_start
+        self._starts.append(True)
 
 
 def split_point(word_start: Sequence[bool], limit: int) -> int:

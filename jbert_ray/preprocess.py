@@ -8,10 +8,14 @@ per batch, so memory stays flat however large the corpus. Output layout and mani
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 import zlib
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -72,14 +76,22 @@ class ShardWriter:
     def __init__(self, config: dict, doc_root: str):
         self.config = PreprocessConfig.from_dict(config)
         self.tokenizer = JapaneseTokenizer.from_pretrained(self.config.tokenizer_dir)  # one tagger per actor
+        # clean_text has applied NFKC already; it is idempotent, so the tokenizer's own pass can be skipped.
+        if self.config.text.normalization.upper() == "NFKC":
+            self.tokenizer.normalize_text = False
         self.shards = ShardsDir(self.config.output_dir)
         self.doc_root = doc_root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        if not len(batch["record_id"]):
+            return {name: np.zeros(1, np.int64) for name in ("records_read", "records_rejected", "tokens")}
         ranges = line_ranges(batch["path"], batch["line"])
         key = batch_key(ranges)
         doc_ids = [doc_id(r, self.doc_root) for r in batch["record_id"]]
-        rows, rejects, counts = pack_records(doc_ids, batch["text"], batch["reject"], self.tokenizer, self.config)
+        rows, rejects, counts = pack_records(
+            doc_ids, batch["text"], batch["reject"], self.tokenizer, self.config
+        )
         files = []
         for split in SPLITS:
             if rows[split]:
@@ -89,6 +101,7 @@ class ShardWriter:
                     files.append(self.shards.write_table(f"static/{split}/part-{key}-{copy}.parquet", table))
         if rejects:
             files.append(self.shards.write_lines(f"rejects/part-{key}.jsonl", rejects))
+        counts["actor_seconds"] = time.perf_counter() - start  # busy time; ÷ wall time = pool utilization
         self.shards.commit(key, {"ranges": ranges, "files": files, "counts": counts})
         return {name: np.array([counts[name]]) for name in ("records_read", "records_rejected", "tokens")}
 
@@ -109,7 +122,9 @@ def pack_records(
         encodings = []
         if not reason:
             text, reason = clean_text(raw, config.text)
-            encodings = [] if reason else tokenizer.encode_batch(split_sentences(text), add_special_tokens=False)
+            encodings = (
+                [] if reason else tokenizer.encode_batch(split_sentences(text), add_special_tokens=False)
+            )
             if not reason and not any(e.ids for e in encodings):
                 reason = REJECT_EMPTY
         if reason:
@@ -141,22 +156,20 @@ def pack_records(
 
 def rows_table(rows: list[Packed]) -> pa.Table:
     """Rows → the shard schema: input_ids list<int32>, word_start list<bool>, doc_id, seq_index, n_tokens."""
-    lengths = np.fromiter((len(r.ids) for r in rows), dtype=np.int32, count=len(rows))
-    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
-    ids = pa.array(np.fromiter((i for r in rows for i in r.ids), dtype=np.int32, count=int(lengths.sum())))
-    starts = pa.array([s for r in rows for s in r.word_start], pa.bool_())
     return pa.table(
         {
-            "input_ids": pa.ListArray.from_arrays(offsets, ids),
-            "word_start": pa.ListArray.from_arrays(offsets, starts),
+            "input_ids": pa.array([r.ids for r in rows], pa.list_(pa.int32())),
+            "word_start": pa.array([r.word_start for r in rows], pa.list_(pa.bool_())),
             "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
             "seq_index": pa.array([r.seq_index for r in rows], pa.int32()),
-            "n_tokens": pa.array(lengths, pa.int32()),
+            "n_tokens": pa.array([len(r.ids) for r in rows], pa.int32()),
         }
     )
 
 
-def static_table(rows: list[Packed], tokenizer: JapaneseTokenizer, seed: int, copy: int, key: str) -> pa.Table:
+def static_table(
+    rows: list[Packed], tokenizer: JapaneseTokenizer, seed: int, copy: int, key: str
+) -> pa.Table:
     """One masked copy of the rows (input_ids with masks, labels with IGNORE_INDEX) via jbert_ray.masking."""
     from jbert_ray.masking import mask_tokens, pad_batch
 
@@ -192,18 +205,27 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     """
     config, tokenizer_sha, paths = preflight(config)
     shards = ShardsDir.open(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    try:
+        return _run(shards, config, tokenizer_sha, paths)
+    finally:
+        shards.close()
+
+
+def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths: list[str]) -> dict:
+    run_config = {k: v for k, v in asdict(config).items() if k in _OUTPUT_SHAPING}
+    run_config.update(tokenizer_sha256=tokenizer_sha, corpus_files=corpus_fingerprint(config.input))
     if shards.complete:  # --resume on a finished run: nothing is missing
+        shards.check_run_config(run_config, shards.manifest().get("run_config", {}))
         shutil.rmtree(shards.staging, ignore_errors=True)
         return {**shards.manifest(), "already_complete": True}
-    run_config = {k: v for k, v in asdict(config).items() if k in _OUTPUT_SHAPING}
-    shards.check_run_config({**run_config, "tokenizer_sha256": tokenizer_sha})
-    done = shards.recover()
+    shards.check_run_config(run_config)
+    done = shards.recover()  # done records of an interrupted run (empty on a fresh one)
     _copy_tokenizer(Path(config.tokenizer_dir), shards.staging / "tokenizer")
 
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
     dataset = read_corpus(
         config.input, text_field=config.text_field, id_field=config.id_field,
-        positions=True, skip=merge_ranges(done),
+        positions=True, skip=done,
     ).map_batches(
         ShardWriter,
         fn_constructor_kwargs={"config": asdict(config), "doc_root": _common_root(paths)},
@@ -218,9 +240,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
             totals[name] += int(row[name])
         progress.update(**totals)
 
-    records = list(shards.done_records())
-    merge_ranges(records)  # raises if any input line was processed twice
-    manifest = build_manifest(records, config, tokenizer_sha, resumed=bool(done), seconds=progress.elapsed_s)
+    manifest = build_manifest(
+        shards.done_records(), config, tokenizer_sha,
+        run_config=run_config, resumed=bool(done), seconds=progress.elapsed_s,
+    )  # fmt: skip
     if manifest["records_read"] == 0:
         raise UserError(f"corpus {config.input} is empty: no records")
     if manifest["documents"] == 0:
@@ -233,17 +256,24 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     return manifest
 
 
-def build_manifest(records: list[dict], config: PreprocessConfig, tokenizer_sha: str, **extra) -> dict:
+def build_manifest(records: Iterable[dict], config: PreprocessConfig, tokenizer_sha: str, **extra) -> dict:
     """Sum the done records' counts into the manifest (so a resumed run counts both of its parts)."""
     total = new_counts()
-    for record in records:
+    files: Counter[str] = Counter()
+    ranges = []
+    for record in records:  # streamed: one record per batch
         add_counts(total, record["counts"])
+        files.update(f.rsplit("/", 1)[0] for f in record["files"])
+        ranges.append({"ranges": record["ranges"]})
+    merge_ranges(ranges)  # raises if any input line was processed twice
     total["records_kept"] = total["records_read"] - total["records_rejected"]
     total["documents"] = sum(s["documents"] for s in total["splits"].values())
     total["sequences"] = sum(s["sequences"] for s in total["splits"].values())
     for name, split in total["splits"].items():
-        split["padding_waste"] = round(padding_waste(split["tokens"], split["sequences"], config.max_seq_len), 4)
-        split["files"] = sum(f.startswith(f"{name}/") for r in records for f in r["files"])
+        split["padding_waste"] = round(
+            padding_waste(split["tokens"], split["sequences"], config.max_seq_len), 4
+        )
+        split["files"] = files[name]
     total["padding_waste"] = round(padding_waste(total["tokens"], total["sequences"], config.max_seq_len), 4)
     static = None
     if config.static_masking:
@@ -258,25 +288,35 @@ def build_manifest(records: list[dict], config: PreprocessConfig, tokenizer_sha:
         "sentence_tokens": total["sentence_tokens"],  # tokens from text, without [CLS]/[SEP]
         "padding_waste": total["padding_waste"],  # share of a batch padded to max_seq_len that is padding
         "max_seq_len": config.max_seq_len,
-        "splits": {name: s for name, s in total["splits"].items() if name == "train" or config.valid_fraction},
+        "splits": {
+            name: s for name, s in total["splits"].items() if name == "train" or config.valid_fraction
+        },
         "static_masking": static,
         "tokenizer": "tokenizer",
         "tokenizer_sha256": tokenizer_sha,  # sha256 of tokenizer/vocab.txt
         "config": asdict(config),
-        "batches": len(records),
+        "batches": len(ranges),
+        "actor_seconds": round(total.get("actor_seconds", 0.0), 2),  # summed over actors
         **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in extra.items()},
     }
 
 
 def new_counts() -> dict:
     splits = {s: {"documents": 0, "sequences": 0, "tokens": 0} for s in SPLITS}
-    numbers = ("records_read", "records_rejected", "sentences", "sentences_split", "sentence_tokens", "tokens")
+    numbers = (
+        "records_read",
+        "records_rejected",
+        "sentences",
+        "sentences_split",
+        "sentence_tokens",
+        "tokens",
+    )
     return {**dict.fromkeys(numbers, 0), "rejects_by_reason": {}, "splits": splits}
 
 
 def add_counts(total: dict, counts: dict) -> None:
     for key, value in counts.items():
-        if isinstance(value, int):
+        if isinstance(value, (int, float)):
             total[key] = total.get(key, 0) + value
         elif key == "rejects_by_reason":
             for reason, n in value.items():
@@ -302,12 +342,27 @@ def preflight(config: PreprocessConfig) -> tuple[PreprocessConfig, str, list[str
     paths, _ = resolve_paths(config.input)
     out = Path(config.output_dir).absolute()
     if "://" not in config.input and any(Path(p).is_relative_to(out) for p in paths):
-        raise UserError(f"output {config.output_dir} is inside the corpus {config.input}: choose another --out")
+        raise UserError(
+            f"output {config.output_dir} is inside the corpus {config.input}: choose another --out"
+        )
     ShardsDir.check(out, overwrite=config.overwrite, resume=config.resume)
     return _absolute_paths(config, tokenizer_dir), tokenizer_sha, paths
 
 
+def corpus_fingerprint(corpus: str) -> str:
+    """sha256 over the corpus files' paths, sizes and modification times: resuming on a changed corpus fails."""
+    paths, filesystem = resolve_paths(corpus)
+    digest = hashlib.sha256()
+    for info in filesystem.get_file_info(paths):
+        digest.update(f"{info.path}\t{info.size}\t{info.mtime_ns}\n".encode())
+    return f"{len(paths)} files, sha256 {digest.hexdigest()[:16]}"
+
+
 def validate(config: PreprocessConfig) -> None:
+    if "://" in config.output_dir:
+        raise UserError(
+            f"--out {config.output_dir}: write shards to a local or mounted path (e.g. NFS), not a URI"
+        )
     if config.max_seq_len < MIN_SEQ_LEN:
         raise UserError(f"--max-seq-len {config.max_seq_len} is too small (at least {MIN_SEQ_LEN})")
     if not 0.0 <= config.valid_fraction < 1.0:
@@ -347,4 +402,3 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 
 def _common_root(paths: list[str]) -> str:
     return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
-

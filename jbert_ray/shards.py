@@ -8,6 +8,7 @@ manifest.json last, so a directory without manifest.json is always an incomplete
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,15 +39,27 @@ class ShardsDir:
     def open(cls, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> ShardsDir:
         """Prepare for a run: refuse a non-empty folder unless `overwrite` (cleared) or `resume` (kept)."""
         shards = cls(root)
-        if cls.check(root, overwrite=overwrite, resume=resume) and overwrite:
-            shards._clear()
-        path = shards.root
+        non_empty = cls.check(root, overwrite=overwrite, resume=resume)
         try:
-            shards.staging.mkdir(parents=True, exist_ok=True)
-            (path / MARKER).touch()
+            shards.root.mkdir(parents=True, exist_ok=True)
+            shards._lock = open(shards.root / MARKER, "a")  # noqa: SIM115 — held until the driver exits
         except OSError as error:
-            raise UserError(f"cannot write to output {path}: {error.strerror or error}") from None
+            raise UserError(f"cannot write to output {shards.root}: {error.strerror or error}") from None
+        try:  # a second run on the same output (a resume while the first still runs) would interleave
+            fcntl.flock(shards._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another preprocess run is writing to {shards.root}") from None
+        if non_empty and overwrite:
+            shards._clear()
+        shards.staging.mkdir(parents=True, exist_ok=True)
         return shards
+
+    def close(self) -> None:
+        """Release the run lock (it is also released when the process ends, however it ends)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     @staticmethod
     def check(root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
@@ -59,7 +72,9 @@ class ShardsDir:
         if not (path.is_dir() and any(path.iterdir())):
             return False
         if not (overwrite or resume):
-            raise UserError(f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it")
+            raise UserError(
+                f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it"
+            )
         if not ((path / MARKER).exists() or (path / MANIFEST).exists()):
             raise UserError(f"output {path} holds other files (no {MANIFEST}): choose another --out")
         return True
@@ -71,30 +86,37 @@ class ShardsDir:
     def manifest(self) -> dict:
         return json.loads((self.root / MANIFEST).read_text(encoding="utf-8"))
 
-    def check_run_config(self, run_config: dict) -> None:
+    def check_run_config(self, run_config: dict, previous: dict | None = None) -> None:
         """Record the settings that shape the output; a resumed run must use the same ones."""
         path = self.staging / _RUN_CONFIG
-        if path.is_file():
+        if previous is None and path.is_file():
             previous = json.loads(path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+        if previous is not None:
+            changed = sorted(
+                k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k)
+            )
             if changed:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} → {run_config.get(k)!r}" for k in changed)
                 raise UserError(f"cannot resume {self.root}: settings differ ({detail}); use --overwrite")
         else:
             write_json_atomic(path, run_config)
 
-    def recover(self) -> list[dict]:
-        """Undo a half-done publish, drop files of unfinished batches; return the done records."""
+    def recover(self) -> dict[str, list[tuple[int, int]]]:
+        """Undo a half-done publish and drop files of unfinished batches; return the input lines already done
+        (per path, merged inclusive ranges: empty on a fresh run)."""
         for name in PUBLISHED:
             if (self.root / name).exists() and not (self.staging / name).exists():
                 os.replace(self.root / name, self.staging / name)
-        records = list(self.done_records())
-        keep = {f for record in records for f in record["files"]}
+        keep: set[str] = set()
+        ranges = []
+        for record in self.done_records():
+            keep.update(record["files"])
+            ranges.append({"ranges": record["ranges"]})
         for folder in ("train", "valid", "static", "rejects"):
             for path in (self.staging / folder).rglob("*"):
                 if path.is_file() and path.relative_to(self.staging).as_posix() not in keep:
                     path.unlink()
-        return records
+        return merge_ranges(ranges)
 
     def done_records(self) -> Iterator[dict]:
         for path in sorted((self.staging / _DONE).glob("*.json")):

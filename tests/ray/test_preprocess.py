@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from jbert_ray.cli import main
+from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig, run_preprocess
 from jbert_ray.text import clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
@@ -26,7 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write_jsonl(path: Path, texts) -> Path:
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
     return path
 
 
@@ -35,7 +38,8 @@ def read_split(shards: Path, split: str = "train") -> list[dict]:
 
 
 def config(corpus, tokenizer_dir, out, **overrides) -> PreprocessConfig:
-    values = dict(input=str(corpus), tokenizer_dir=str(tokenizer_dir), output_dir=str(out), show_progress=False)
+    values = {"input": str(corpus), "tokenizer_dir": str(tokenizer_dir), "output_dir": str(out)}
+    values["show_progress"] = False
     return PreprocessConfig(**{**values, **overrides})
 
 
@@ -51,7 +55,9 @@ def sample_run(ray_cluster, tmp_path_factory, tokenizer_dir, sample_texts):
     texts = sample_texts[:1500]
     corpus = write_jsonl(root / "ja.jsonl", texts)
     out = root / "shards"
-    manifest = run_preprocess(config(corpus, tokenizer_dir, out, max_seq_len=32, valid_fraction=0.2, batch_size=256))
+    manifest = run_preprocess(
+        config(corpus, tokenizer_dir, out, max_seq_len=32, valid_fraction=0.2, batch_size=256)
+    )
     return texts, out, manifest
 
 
@@ -81,7 +87,9 @@ def test_token_accounting_is_exact(sample_run):
         tokens = sum(r["n_tokens"] for r in rows)
         assert tokens == sum(len(r["input_ids"]) for r in rows) == manifest["splits"][split]["tokens"]
         assert len(rows) == manifest["splits"][split]["sequences"]
-        assert all(2 < len(r["input_ids"]) <= 32 and len(r["word_start"]) == len(r["input_ids"]) for r in rows)
+        assert all(
+            2 < len(r["input_ids"]) <= 32 and len(r["word_start"]) == len(r["input_ids"]) for r in rows
+        )
         total_tokens, total_rows = total_tokens + tokens, total_rows + len(rows)
     assert (total_tokens, total_rows) == (manifest["tokens"], manifest["sequences"])
     assert manifest["records_read"] == len(texts) == manifest["records_kept"] + manifest["records_rejected"]
@@ -125,7 +133,8 @@ def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
         "not_text": b'{"text": 42}',
         "empty": b'{"text": "   "}',
         "no_japanese": b'{"text": "This record is only English text."}',
-        "too_long": json.dumps({"text": "長い文章です。" * 250_000}, ensure_ascii=False).encode(),  # a 5 MB line
+        # a 5 MB single line (1.75M characters, over the 1M-character limit)
+        "too_long": json.dumps({"text": "長い文章です。" * 250_000}, ensure_ascii=False).encode(),
     }
     nul_kept = json.dumps({"text": "NUL\u0000を含むが日本語の文です。"}, ensure_ascii=False).encode()
     nul_only = json.dumps({"text": "\u0000" * 5}).encode()
@@ -136,11 +145,14 @@ def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
     truncated = gzip.compress("\n".join(json.dumps({"text": t}) for t in good[:50]).encode())
     (root / "d.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])  # a corrupt .gz
     expected = Counter({reason: 1 for reason in planted})
-    expected.update({"binary": 2, "empty": 1, "no_japanese": 1, "unreadable": 1})  # NUL-only line, c.txt; b.txt
+    # binary: the NUL-only record and c.txt; empty and no_japanese: also in b.txt; unreadable: d.jsonl.gz
+    expected.update({"binary": 2, "empty": 1, "no_japanese": 1, "unreadable": 1})
     return root, expected
 
 
-def test_planted_bad_records_are_counted_and_kept_in_rejects(ray_cluster, bad_corpus, tokenizer_dir, tmp_path):
+def test_planted_bad_records_are_counted_and_kept_in_rejects(
+    ray_cluster, bad_corpus, tokenizer_dir, tmp_path
+):
     corpus, expected = bad_corpus
     out = tmp_path / "shards"
     assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
@@ -180,7 +192,9 @@ def test_options_pack_across_docs_and_static_masking(ray_cluster, tokenizer_dir,
     per_doc = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "per_doc", static_masking=2))
     across = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "across", pack_across_docs=True))
     assert across["sentence_tokens"] == per_doc["sentence_tokens"]
-    assert across["sequences"] < per_doc["sequences"] / 3 and across["padding_waste"] < per_doc["padding_waste"]
+    assert (
+        across["sequences"] < per_doc["sequences"] / 3 and across["padding_waste"] < per_doc["padding_waste"]
+    )
     rows = {(r["doc_id"], r["seq_index"]): r["input_ids"] for r in read_split(tmp_path / "per_doc")}
     static = read_split(tmp_path / "per_doc", "static/train")
     assert len(static) == 2 * len(rows) and per_doc["static_masking"]["copies"] == 2
@@ -204,7 +218,16 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
     for part in range(3):
         write_jsonl(corpus / f"part{part}.jsonl", sample_texts[part * 2000 : (part + 1) * 2000])
     out = tmp_path / "shards"
-    args = ["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--batch-size", "100"]
+    args = [
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "100",
+    ]
     # Our own child (and the local Ray it starts) in a fresh process group, so only it is killed.
     child = subprocess.Popen(
         [sys.executable, "-m", "jobs.preprocess", *args, "--no-progress", "--num-cpus", "2"],
@@ -222,6 +245,8 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
     assert 5 <= before < 60
 
     assert main(["preprocess", *args, "--no-progress"]) == 2  # not empty: refuses without --resume
+    with pytest.raises(UserError, match="settings differ"):
+        run_preprocess(config(corpus, tokenizer_dir, out, batch_size=100, resume=True, max_seq_len=64))
     manifest = run_preprocess(config(corpus, tokenizer_dir, out, batch_size=100, resume=True))
     assert manifest["resumed"] and manifest["records_read"] == 6000
     rows = read_split(out)
@@ -230,6 +255,9 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
     expected = {f"part{p}.jsonl:{n}" for p in range(3) for n in range(1, 2001)}
     assert {r["doc_id"] for r in rows} == expected  # nothing missing (no sample record is rejected)
     assert sum(r["n_tokens"] for r in rows) == manifest["tokens"]
+
+    again = run_preprocess(config(corpus, tokenizer_dir, out, batch_size=100, resume=True))
+    assert again["already_complete"] and again["tokens"] == manifest["tokens"]
 
     fresh = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "fresh", batch_size=100))
     assert {k: fresh[k] for k in ("documents", "sentences", "sequences", "tokens")} == {

@@ -1,0 +1,228 @@
+"""Benchmark `jbert preprocess`: scaling 1 → 2 CPUs, memory ×1 vs ×4 corpus, and Ray's overhead over bare encoding.
+
+    python bench/preprocess.py            # ../shared/corpus/ja_train.jsonl.gz (88,802 records), ×1 and ×4
+    python bench/preprocess.py --quick    # its first 20,000 records, ×1 and ×4 (about a minute)
+
+Each Ray run gets a fresh local cluster. A "1 CPU" run pins the whole cluster (driver, raylet, workers) to one
+core with sched_setaffinity, a "2 CPU" run to two, so the ratio measures real cores and not just Ray's logical
+CPUs. Memory is the peak proportional set size (PSS: shared pages split fairly, so the object store is counted
+once) summed over this process and every process it started, sampled every 0.5 s by a thread that is not pinned. Throughput counts tokens taken
+from the text (no [CLS]/[SEP]) per wall-clock second of run_preprocess. Targets (issue 4): scaling ≥ 1.7,
+memory ≤ 1.3, Ray per-CPU ÷ bare ≥ 0.8. Figures are only meaningful on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_TRAIN = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
+QUICK_RECORDS = 20_000
+ALL_CORES = os.sched_getaffinity(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_RECORDS:,} records only")
+    parser.add_argument(
+        "--corpus", default=str(SHARED_TRAIN), help="a .jsonl or .jsonl.gz corpus (field text)"
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer dir (default: train an 8,000-entry vocab on the sample)"
+    )
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        sys.exit("needs at least 2 cores")
+
+    with tempfile.TemporaryDirectory(prefix="jbert_bench_") as tmp:
+        tmp = Path(tmp)
+        x1, x4 = make_corpora(Path(args.corpus), tmp, QUICK_RECORDS if args.quick else None)
+        tokenizer_dir = Path(args.tokenizer) if args.tokenizer else train_tokenizer(tmp / "tokenizer")
+        texts = [json.loads(line)["text"] for line in x1.open(encoding="utf-8")]
+        print(f"corpus ×1: {len(texts):,} records, {sum(map(len, texts)):,} chars; ×4 = 4 copies of it")
+        print(
+            f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (an idle machine reads ~0)"
+        )
+
+        with pinned(cores[:1]):
+            bare = bare_encode(texts, tokenizer_dir)
+        print(f"bare encode_batch, 1 core: {bare['tokens']:,} tokens in {bare['seconds']:.1f} s")
+        runs = {}
+        for name, corpus, cpus in (("1cpu_x4", x4, 1), ("2cpu_x4", x4, 2), ("2cpu_x1", x1, 2)):
+            with pinned(cores[:cpus]):
+                runs[name] = ray_run(corpus, tokenizer_dir, tmp / name, cpus, args.max_seq_len)
+            r = runs[name]
+            print(
+                f"ray {cpus} CPU {name[-2:]}: {r['tokens']:,} tokens in {r['seconds']:.1f} s "
+                f"({r['tokens'] / r['seconds']:,.0f}/s; actors busy {r['actor_seconds']:.1f} s), "
+                f"peak PSS {r['peak_mb']:,.0f} MB"
+            )
+
+    rate = {name: r["tokens"] / r["seconds"] for name, r in runs.items()}
+    bare_rate = bare["tokens"] / bare["seconds"]
+    rows = [
+        ("throughput 2 CPUs ÷ 1 CPU (×4 corpus)", rate["2cpu_x4"] / rate["1cpu_x4"], "≥ 1.7"),
+        (
+            "peak memory ×4 ÷ ×1 corpus (2 CPUs)",
+            runs["2cpu_x4"]["peak_mb"] / runs["2cpu_x1"]["peak_mb"],
+            "≤ 1.3",
+        ),
+        ("Ray tokens/s per CPU ÷ bare encode_batch", rate["2cpu_x4"] / 2 / bare_rate, "≥ 0.8"),
+        ("  same, from the 1-CPU run", rate["1cpu_x4"] / bare_rate, "(info)"),
+    ]
+    print(f"\n{'ratio':<44}{'measured':>10}  target")
+    for label, value, target in rows:
+        print(f"{label:<44}{value:>10.2f}  {target}")
+
+
+def make_corpora(source: Path, tmp: Path, limit: int | None) -> tuple[Path, Path]:
+    """×1 = the corpus (or its first `limit` records) as one .jsonl; ×4 = a folder of four copies of it."""
+    opener = gzip.open if source.suffix == ".gz" else open
+    x1 = tmp / "x1" / "corpus.jsonl"
+    x1.parent.mkdir()
+    with opener(source, "rt", encoding="utf-8") as f, x1.open("w", encoding="utf-8") as out:
+        for n, line in enumerate(f):
+            if limit is not None and n >= limit:
+                break
+            out.write(line)
+    (tmp / "x4").mkdir()
+    for copy in range(4):
+        os.link(x1, tmp / "x4" / f"corpus{copy}.jsonl")
+    return x1, tmp / "x4"
+
+
+def train_tokenizer(path: Path) -> Path:
+    from jbert_ray.text import normalize
+    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+    sample = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
+    tagger = build_tagger()
+    texts = (json.loads(line)["text"] for line in sample.open(encoding="utf-8"))
+    counts = Counter(word for text in texts for word in tagger.parse(normalize(text)).split())
+    train_vocab(counts, TokenizerConfig(vocab_size=8000)).save_pretrained(path)
+    return path
+
+
+def bare_encode(texts: list[str], tokenizer_dir: Path) -> dict:
+    """encode_batch alone (text cleaned and split beforehand, untimed), fresh tokenizer, this process."""
+    from jbert_ray.text import clean_text, split_sentences
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    sentences = [s for t in texts for s in split_sentences(clean_text(t)[0])]
+    tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
+    start = time.perf_counter()
+    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    seconds = time.perf_counter() - start
+    return {"tokens": sum(len(e.ids) for e in encodings), "seconds": seconds}
+
+
+def ray_run(corpus: Path, tokenizer_dir: Path, out: Path, cpus: int, max_seq_len: int) -> dict:
+    import ray
+    import ray.data
+
+    from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        config = PreprocessConfig(
+            input=str(corpus), tokenizer_dir=str(tokenizer_dir), output_dir=str(out), max_seq_len=max_seq_len,
+            show_progress=False,
+        )  # fmt: skip
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            manifest = run_preprocess(config)
+            seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {
+        "tokens": manifest["sentence_tokens"], "seconds": seconds, "peak_mb": memory.peak / 2**20,
+        "actor_seconds": manifest["actor_seconds"],
+    }  # fmt: skip
+
+
+class pinned:
+    """Run a block (and every process it starts) on the given cores only."""
+
+    def __init__(self, cores: list[int]):
+        self.cores = set(cores)
+
+    def __enter__(self):
+        self.saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.cores)
+
+    def __exit__(self, *exc):
+        os.sched_setaffinity(0, self.saved)
+
+
+class PeakMemory:
+    """Peak summed PSS of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        os.sched_setaffinity(0, ALL_CORES)  # this thread only: measuring must not eat the pinned cores
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_pss_bytes(pid) for pid in _tree(os.getpid())))
+            self._stop.wait(self.every_s)
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    main()

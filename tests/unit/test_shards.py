@@ -1,0 +1,70 @@
+"""The shards output directory without Ray: refusals, the run lock, done records, recovery and publishing."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from jbert_ray.errors import UserError
+from jbert_ray.shards import MANIFEST, ShardsDir, batch_key, line_ranges, merge_ranges
+
+
+def test_line_ranges_are_runs_of_consecutive_lines_per_file():
+    ranges = line_ranges(["a", "a", "b", "a", "a"], [1, 2, 7, 5, 4])
+    assert ranges == {"a": [[1, 2], [4, 5]], "b": [[7, 7]]}
+    assert batch_key(ranges) == batch_key(line_ranges(["b", "a", "a", "a", "a"], [7, 5, 4, 2, 1]))
+
+
+def test_merge_ranges_joins_neighbours_and_refuses_overlaps():
+    records = [{"ranges": {"a": [[1, 5]]}}, {"ranges": {"a": [[6, 9], [20, 20]]}}]
+    assert merge_ranges(records) == {"a": [(1, 9), (20, 20)]}
+    with pytest.raises(RuntimeError, match="twice"):
+        merge_ranges([*records, {"ranges": {"a": [[9, 10]]}}])
+
+
+def test_a_non_empty_folder_is_refused_and_never_deleted_unless_ours(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        ShardsDir.open(tmp_path)
+    with pytest.raises(UserError, match="other files"):
+        ShardsDir.open(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").exists()
+    with pytest.raises(UserError, match="exclude"):
+        ShardsDir.open(tmp_path / "new", overwrite=True, resume=True)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    first = ShardsDir.open(tmp_path / "out")
+    with pytest.raises(UserError, match="another preprocess run"):
+        ShardsDir.open(tmp_path / "out", resume=True)
+    first.close()
+    ShardsDir.open(tmp_path / "out", resume=True).close()
+
+
+def test_recover_drops_unfinished_files_and_undoes_a_half_publish(tmp_path):
+    shards = ShardsDir.open(tmp_path / "out")
+    table = pa.table({"n_tokens": pa.array([3], pa.int32())})
+    done = shards.write_table("train/part-a.parquet", table)
+    shards.commit("a", {"ranges": {"f": [[1, 10]]}, "files": [done], "counts": {}})
+    shards.write_table("train/part-b.parquet", table)  # killed before its done record
+    (shards.staging / "train" / "part-c.parquet.tmp").write_bytes(b"half")
+    (shards.staging / "train").rename(shards.root / "train")  # killed mid-publish
+    shards.close()
+
+    shards = ShardsDir.open(tmp_path / "out", resume=True)
+    assert shards.recover() == {"f": [(1, 10)]}
+    assert sorted(p.name for p in (shards.staging / "train").iterdir()) == ["part-a.parquet"]
+    assert not shards.complete
+    shards.publish({"documents": 1})
+    assert shards.complete and json.loads((shards.root / MANIFEST).read_text()) == {"documents": 1}
+    assert (shards.root / "train" / "part-a.parquet").exists() and not shards.staging.exists()
+    shards.close()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    shards = ShardsDir.open(tmp_path / "out")
+    shards.check_run_config({"max_seq_len": 128})
+    shards.check_run_config({"max_seq_len": 128})
+    with pytest.raises(UserError, match="max_seq_len: 128 → 256"):
+        shards.check_run_config({"max_seq_len": 256})
+    shards.close()
