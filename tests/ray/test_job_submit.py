@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ def head():
     )
     yield f"http://127.0.0.1:{dashboard_port}", env
     _stop_cluster(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_cluster(temp_dir: str) -> None:
