@@ -14,8 +14,6 @@ import os
 import shutil
 import time
 import zlib
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,14 +22,21 @@ import pyarrow as pa
 
 from jbert_ray.corpus import read_corpus, resolve_paths
 from jbert_ray.errors import UserError
-from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split, padding_waste
+from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split
 from jbert_ray.progress import Progress
-from jbert_ray.resources import ACTOR_CPUS, actor_pool
-from jbert_ray.shards import ShardsDir, batch_key, file_sha256, line_ranges, merge_ranges
+from jbert_ray.resources import ACTOR_CPUS, actor_pool, cluster_cpus
+from jbert_ray.shards import (
+    SPLITS,
+    ShardsDir,
+    batch_key,
+    build_manifest,
+    file_sha256,
+    line_ranges,
+    new_counts,
+)
 from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
 
-SPLITS = ("train", "valid")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 _REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 # Settings that shape the shards: a resumed run must match them (the rest, e.g. num_actors, may change).
@@ -221,6 +226,9 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
     shards.check_run_config(run_config)
     done = shards.recover()  # done records of an interrupted run (empty on a fresh one)
     _copy_tokenizer(Path(config.tokenizer_dir), shards.staging / "tokenizer")
+    for folder in ("train", "rejects") + (("valid",) if config.valid_fraction else ()):
+        (shards.staging / folder).mkdir(exist_ok=True)  # present even when empty: readers can rely on them
+    _check_pool_fits(config.num_actors)
 
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
     dataset = read_corpus(
@@ -241,7 +249,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
         progress.update(**totals)
 
     manifest = build_manifest(
-        shards.done_records(), config, tokenizer_sha,
+        shards.done_records(), asdict(config), tokenizer_sha,
         run_config=run_config, resumed=bool(done), seconds=progress.elapsed_s,
     )  # fmt: skip
     if manifest["records_read"] == 0:
@@ -254,78 +262,6 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
         )
     shards.publish(manifest)
     return manifest
-
-
-def build_manifest(records: Iterable[dict], config: PreprocessConfig, tokenizer_sha: str, **extra) -> dict:
-    """Sum the done records' counts into the manifest (so a resumed run counts both of its parts)."""
-    total = new_counts()
-    files: Counter[str] = Counter()
-    ranges = []
-    for record in records:  # streamed: one record per batch
-        add_counts(total, record["counts"])
-        files.update(f.rsplit("/", 1)[0] for f in record["files"])
-        ranges.append({"ranges": record["ranges"]})
-    merge_ranges(ranges)  # raises if any input line was processed twice
-    total["records_kept"] = total["records_read"] - total["records_rejected"]
-    total["documents"] = sum(s["documents"] for s in total["splits"].values())
-    total["sequences"] = sum(s["sequences"] for s in total["splits"].values())
-    for name, split in total["splits"].items():
-        split["padding_waste"] = round(
-            padding_waste(split["tokens"], split["sequences"], config.max_seq_len), 4
-        )
-        split["files"] = files[name]
-    total["padding_waste"] = round(padding_waste(total["tokens"], total["sequences"], config.max_seq_len), 4)
-    static = None
-    if config.static_masking:
-        from jbert_ray.masking import MaskingConfig
-
-        static = {"copies": config.static_masking, "seed": config.seed, "masking": asdict(MaskingConfig())}
-        static.update({split: f"static/{split}" for split in SPLITS if total["splits"][split]["sequences"]})
-    return {
-        "format": "jbert-shards/1",
-        **{k: total[k] for k in ("records_read", "records_kept", "records_rejected", "rejects_by_reason")},
-        **{k: total[k] for k in ("documents", "sentences", "sentences_split", "sequences", "tokens")},
-        "sentence_tokens": total["sentence_tokens"],  # tokens from text, without [CLS]/[SEP]
-        "padding_waste": total["padding_waste"],  # share of a batch padded to max_seq_len that is padding
-        "max_seq_len": config.max_seq_len,
-        "splits": {
-            name: s for name, s in total["splits"].items() if name == "train" or config.valid_fraction
-        },
-        "static_masking": static,
-        "tokenizer": "tokenizer",
-        "tokenizer_sha256": tokenizer_sha,  # sha256 of tokenizer/vocab.txt
-        "config": asdict(config),
-        "batches": len(ranges),
-        "actor_seconds": round(total.get("actor_seconds", 0.0), 2),  # summed over actors
-        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in extra.items()},
-    }
-
-
-def new_counts() -> dict:
-    splits = {s: {"documents": 0, "sequences": 0, "tokens": 0} for s in SPLITS}
-    numbers = (
-        "records_read",
-        "records_rejected",
-        "sentences",
-        "sentences_split",
-        "sentence_tokens",
-        "tokens",
-    )
-    return {**dict.fromkeys(numbers, 0), "rejects_by_reason": {}, "splits": splits}
-
-
-def add_counts(total: dict, counts: dict) -> None:
-    for key, value in counts.items():
-        if isinstance(value, (int, float)):
-            total[key] = total.get(key, 0) + value
-        elif key == "rejects_by_reason":
-            for reason, n in value.items():
-                total[key][reason] = total[key].get(reason, 0) + n
-        elif key == "splits":
-            for split, tally in value.items():
-                for name, n in tally.items():
-                    if isinstance(n, int):
-                        total[key][split][name] += n
 
 
 def doc_id(record_id: str, root: str) -> str:
@@ -391,6 +327,15 @@ def _absolute_paths(config: PreprocessConfig, tokenizer_dir: Path) -> Preprocess
     if "://" not in config.input:
         values["input"] = str(Path(config.input).absolute())
     return PreprocessConfig.from_dict(values)
+
+
+def _check_pool_fits(num_actors: int) -> None:
+    # Actors that cannot all be placed leave the pool waiting forever (and reads need a share too).
+    cpus = cluster_cpus()
+    if num_actors and num_actors * ACTOR_CPUS + 0.1 > cpus:
+        raise UserError(
+            f"--num-actors {num_actors} does not fit on {cpus} CPUs (each actor takes {ACTOR_CPUS})"
+        )
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

@@ -13,15 +13,19 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from jbert_ray.errors import UserError
+from jbert_ray.packing import padding_waste
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 MARKER = ".jbert_shards"  # says "preprocess made this folder": --overwrite deletes only such folders
 PUBLISHED = ("train", "valid", "static", "rejects", "tokenizer")  # folders moved from staging on publish
+SPLITS = ("train", "valid")
 _DONE = "done"
 _RUN_CONFIG = "run_config.json"
 
@@ -162,6 +166,84 @@ class ShardsDir:
     def commit(self, key: str, record: dict) -> None:
         """The batch is done: written last, after all its files."""
         write_json_atomic(self.staging / _DONE / f"{key}.json", {"key": key, **record})
+
+
+def build_manifest(records: Iterable[dict], config: dict, tokenizer_sha: str, **extra) -> dict:
+    """Sum the done records' counts into the manifest (so a resumed run counts both of its parts).
+
+    `config` is the run's PreprocessConfig as a dict; `extra` items are added as they are.
+    """
+    max_seq_len = config["max_seq_len"]
+    total = new_counts()
+    files: Counter[str] = Counter()
+    ranges = []
+    for record in records:  # streamed: one record per batch
+        add_counts(total, record["counts"])
+        files.update(f.rsplit("/", 1)[0] for f in record["files"])
+        ranges.append({"ranges": record["ranges"]})
+    merge_ranges(ranges)  # raises if any input line was processed twice
+    total["records_kept"] = total["records_read"] - total["records_rejected"]
+    total["documents"] = sum(s["documents"] for s in total["splits"].values())
+    total["sequences"] = sum(s["sequences"] for s in total["splits"].values())
+    for name, split in total["splits"].items():
+        split["padding_waste"] = round(padding_waste(split["tokens"], split["sequences"], max_seq_len), 4)
+        split["files"] = files[name]
+    total["padding_waste"] = round(padding_waste(total["tokens"], total["sequences"], max_seq_len), 4)
+    static = None
+    if config["static_masking"]:
+        from jbert_ray.masking import MaskingConfig
+
+        static = {
+            "copies": config["static_masking"],
+            "seed": config["seed"],
+            "masking": asdict(MaskingConfig()),
+        }
+        static.update({split: f"static/{split}" for split in SPLITS if total["splits"][split]["sequences"]})
+    return {
+        "format": "jbert-shards/1",
+        **{k: total[k] for k in ("records_read", "records_kept", "records_rejected", "rejects_by_reason")},
+        **{k: total[k] for k in ("documents", "sentences", "sentences_split", "sequences", "tokens")},
+        "sentence_tokens": total["sentence_tokens"],  # tokens from text, without [CLS]/[SEP]
+        "padding_waste": total["padding_waste"],  # share of a batch padded to max_seq_len that is padding
+        "max_seq_len": max_seq_len,
+        "splits": {
+            name: s for name, s in total["splits"].items() if name == "train" or config["valid_fraction"]
+        },
+        "static_masking": static,
+        "tokenizer": "tokenizer",
+        "tokenizer_sha256": tokenizer_sha,  # sha256 of tokenizer/vocab.txt
+        "config": config,
+        "batches": len(ranges),
+        "actor_seconds": round(total.get("actor_seconds", 0.0), 2),  # summed over actors
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in extra.items()},
+    }
+
+
+def new_counts() -> dict:
+    splits = {s: {"documents": 0, "sequences": 0, "tokens": 0} for s in SPLITS}
+    numbers = (
+        "records_read",
+        "records_rejected",
+        "sentences",
+        "sentences_split",
+        "sentence_tokens",
+        "tokens",
+    )
+    return {**dict.fromkeys(numbers, 0), "rejects_by_reason": {}, "splits": splits}
+
+
+def add_counts(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        if isinstance(value, (int, float)):
+            total[key] = total.get(key, 0) + value
+        elif key == "rejects_by_reason":
+            for reason, n in value.items():
+                total[key][reason] = total[key].get(reason, 0) + n
+        elif key == "splits":
+            for split, tally in value.items():
+                for name, n in tally.items():
+                    if isinstance(n, int):
+                        total[key][split][name] += n
 
 
 def line_ranges(paths: Sequence[str], lines: Sequence[int]) -> dict[str, list[list[int]]]:
