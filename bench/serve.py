@@ -1,0 +1,354 @@
+"""Benchmark the fill-mask service and PLL scoring against what a user would otherwise write.
+
+    python bench/serve.py                      # ~5 min on 2 CPUs: a random "small" BERT with a 32k vocabulary
+    python bench/serve.py --quick              # ~1-2 min smoke run
+    python bench/serve.py --model MODEL_DIR    # any model dir (ours, or a Tohoku-style HF Japanese BERT)
+
+1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serving`, @serve.batch) vs a plain FastAPI app
+   under uvicorn calling transformers `pipeline("fill-mask")` per request; requests/s, p50 and p99 of both.
+2. PLL scoring: `MaskedLM.score` vs naive PLL (one forward per masked position, batch 1) and vs batched masked
+   copies with the full output layer at every position (the mlm-scoring way), same buckets and batch budget.
+Everything runs on 127.0.0.1, one phase after the other, with the same model and the same torch thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
+TRAIN_CORPUS = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
+SIZES = {
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model dir (default: build a random one of --size in a temp dir)")
+    parser.add_argument("--size", default="small", choices=sorted(SIZES), help="random model to build")
+    parser.add_argument("--quick", action="store_true", help="fewer requests and sentences (smoke run)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, every phase")
+    parser.add_argument(
+        "--phases", default="baseline,serve,score", help="comma-separated subset of baseline,serve,score"
+    )
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        return run_baseline_server(args.model, args.port, args.threads)
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_model(Path(tmp) / "model", args.size)
+        requests_per_client = 10 if args.quick else 40
+        print(f"model {model_dir} ({describe(model_dir)}); torch threads {args.threads}; "
+              f"{os.cpu_count()} CPUs; load average before {load_before[0]:.1f}", flush=True)
+        phases = set(args.phases.split(","))
+        if phases & {"baseline", "serve"}:
+            bench_http(model_dir, args.clients, requests_per_client, args.threads, phases)
+        if "score" in phases:
+            bench_score(model_dir, args.threads, n_texts=32 if args.quick else 128, n_naive=6 if args.quick else 16)
+    print(f"load average after {os.getloadavg()[0]:.1f} (other processes share these CPUs: "
+          "timings are noisy when it exceeds the CPU count)")
+
+
+# ---- the model ----
+
+
+def build_model(path: Path, size: str) -> str:
+    """A randomly initialised BertForMaskedLM with a WordPiece vocabulary trained on the shared corpus."""
+    import torch
+    from collections import Counter
+    from transformers import BertConfig, BertForMaskedLM
+
+    from jbert_ray.checkpoint import save_model_dir
+    from jbert_ray.text import normalize
+    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+    texts = read_texts(TRAIN_CORPUS if TRAIN_CORPUS.is_file() else SAMPLE)
+    tagger = build_tagger()
+    counts = Counter(word for text in texts for word in tagger.parse(normalize(text)).split())
+    tokenizer = train_vocab(counts, TokenizerConfig(vocab_size=32768, min_frequency=1))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **SIZES[size])
+    save_model_dir(path, BertForMaskedLM(config), tokenizer)
+    return str(path)
+
+
+def describe(model_dir: str) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return (f"hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+            f"vocab {config['vocab_size']}")
+
+
+def read_texts(path: Path) -> list[str]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def bench_sentences(model_dir: str, n: int, masked: bool) -> list[str]:
+    """n sample sentences of 20-80 characters; with masked=True the middle MeCab word becomes [MASK]."""
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(model_dir)
+    texts = [t for t in read_texts(SAMPLE) if 20 <= len(t) <= 80][:n]
+    if not masked:
+        return texts
+    out = []
+    for text in texts:
+        words = tokenizer.words(text)
+        words[len(words) // 2] = "[MASK]"
+        out.append("".join(words))
+    return out
+
+
+# ---- 1. fill-mask over HTTP ----
+
+
+def bench_http(model_dir: str, clients: int, per_client: int, threads: int, phases: set[str]) -> None:
+    bodies = [{"text": t, "top_k": 5} for t in bench_sentences(model_dir, 256, masked=True)]
+    total = clients * per_client
+    print(f"\nfill-mask over HTTP: {clients} concurrent clients, {total} requests each side (after warm-up)",
+          flush=True)
+    baseline = ours = None
+    if "baseline" in phases:
+        port = free_port()
+        server = subprocess.Popen([sys.executable, __file__, "--baseline-server", "--model", model_dir,
+                                   "--port", str(port), "--threads", str(threads)])
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/healthz", server)
+            baseline = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
+        finally:
+            server.terminate()
+            server.wait(30)
+        report("plain FastAPI + uvicorn + pipeline", baseline)
+    if "serve" in phases:
+        ours = run_serve_load(model_dir, bodies, clients, per_client, threads)
+        report("Ray Serve (jbert_ray.serving)", ours)
+    if baseline and ours:
+        print(f"  requests/s ratio: {ours['rps'] / baseline['rps']:.2f}x (target >= 3)", flush=True)
+
+
+def run_serve_load(model_dir: str, bodies: list[dict], clients: int, per_client: int, threads: int) -> dict:
+    import ray
+    from ray import serve
+
+    from jbert_ray.serving import ServeArgs, build_app
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ServeArgs(model_dir=model_dir, num_cpus=1, num_threads=threads, min_replicas=1, max_replicas=1,
+                         max_batch_size=32, batch_wait_timeout_s=0.005, max_ongoing_requests=64)
+        serve.run(build_app(args), name="bench", route_prefix="/",
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        result = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
+        import requests
+
+        result["max_batch"] = requests.get(f"http://127.0.0.1:{port}/info", timeout=30).json()["stats"][
+            "fill_mask"]["max_batch_size"]
+        return result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def load_test(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
+    """`clients` threads each send `per_client` requests back to back (after one warm-up round)."""
+    import requests
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(index: int, count: int, record: bool) -> None:
+        session = requests.Session()
+        for i in range(count):
+            body = bodies[(index * count + i) % len(bodies)]
+            start = time.perf_counter()
+            response = session.post(url, json=body, timeout=300)
+            elapsed = time.perf_counter() - start
+            with lock:
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:100]}")
+                elif record:
+                    latencies.append(elapsed)
+
+    run_clients(client, clients, 2, record=False)  # warm-up: connections, first batches, lazy init
+    start = time.perf_counter()
+    run_clients(client, clients, per_client, record=True)
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "errors": len(errors), "first_error": errors[0] if errors else ""}
+
+
+def run_clients(client, clients: int, count: int, record: bool) -> None:
+    workers = [threading.Thread(target=client, args=(i, count, record)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def report(name: str, result: dict) -> None:
+    extra = f"   largest batch {result['max_batch']}" if "max_batch" in result else ""
+    errors = f"   {result['errors']} errors (first: {result['first_error']})" if result["errors"] else ""
+    print(f"  {name:<36} {result['rps']:7.1f} req/s   p50 {result['p50'] * 1000:7.1f} ms   "
+          f"p99 {result['p99'] * 1000:7.1f} ms{extra}{errors}", flush=True)
+
+
+def run_baseline_server(model_dir: str, port: int, threads: int) -> None:
+    """What a user would otherwise write: FastAPI + uvicorn, transformers' pipeline called per request."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    torch.set_num_threads(threads)
+    fill_mask = pipeline("fill-mask", model=model_dir, device="cpu")
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/fill-mask")
+    def predict(body: dict) -> list:
+        return fill_mask(body["text"], top_k=body.get("top_k", 5))
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- 2. PLL scoring ----
+
+
+def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> None:
+    import torch
+
+    from jbert_ray.inference import MaskedLM
+
+    torch.set_num_threads(threads)
+    lm = MaskedLM.from_pretrained(model_dir, device="cpu")
+    texts = bench_sentences(model_dir, n_texts, masked=False)
+    n_tokens = sum(len(e.ids) - 2 for e in lm.encode(texts))
+    print(f"\nPLL scoring: {len(texts)} sentences, {n_tokens / len(texts):.1f} tokens on average "
+          f"(naive reference on the first {n_naive})", flush=True)
+    lm.score(texts[:4])  # warm-up
+    ours, ours_s = timed(lambda: lm.score(texts))
+    full, full_s = timed(lambda: full_output_pll(lm, texts))
+    naive, naive_s = timed(lambda: naive_pll(lm, texts[:n_naive]))
+    rate = {"ours": len(texts) / ours_s, "full": len(texts) / full_s, "naive": n_naive / naive_s}
+    print(f"  {'MaskedLM.score':<36} {rate['ours']:8.2f} sentences/s", flush=True)
+    print(f"  {'naive PLL (batch 1, full output)':<36} {rate['naive']:8.2f} sentences/s   "
+          f"ratio {rate['ours'] / rate['naive']:.2f}x (target >= 5)")
+    print(f"  {'batched copies, full output layer':<36} {rate['full']:8.2f} sentences/s   "
+          f"ratio {rate['ours'] / rate['full']:.2f}x (target >= 1.5)")
+    diff_naive = max_diff([r["token_pll"] for r in ours[:n_naive]], naive)
+    diff_full = max_diff([r["token_pll"] for r in ours], full)
+    print(f"  max |token PLL difference|: vs naive {diff_naive:.1e}, vs full output {diff_full:.1e}", flush=True)
+
+
+def naive_pll(lm, texts: list[str]) -> list[list[float]]:
+    """One forward of the whole model per masked position, batch 1 (the textbook loop)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for encoding in lm.encode(texts):
+            ids = torch.tensor([encoding.ids])
+            values = []
+            for j in range(1, len(encoding.ids) - 1):
+                masked = ids.clone()
+                masked[0, j] = lm.tokenizer.mask_token_id
+                log_probs = torch.log_softmax(lm.model(input_ids=masked).logits[0, j].float(), -1)
+                values.append(log_probs[encoding.ids[j]].item())
+            out.append(values)
+    return out
+
+
+def full_output_pll(lm, texts: list[str]) -> list[list[float]]:
+    """Batched masked copies (same length buckets and token budget as MaskedLM) with logits at every position."""
+    import torch
+
+    copies = [(t, j, e.ids) for t, e in enumerate(lm.encode(texts)) for j in range(1, len(e.ids) - 1)]
+    copies.sort(key=lambda c: len(c[2]))
+    out = [[0.0] * (len(e.ids) - 2) for e in lm.encode(texts)]
+    with torch.inference_mode():
+        for batch in lm._buckets(list(range(len(copies))), [len(c[2]) for c in copies]):
+            width = len(copies[batch[-1]][2])
+            input_ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, c in enumerate(batch):
+                _, j, ids = copies[c]
+                input_ids[b, :len(ids)] = torch.tensor(ids)
+                attention_mask[b, :len(ids)] = 1
+                input_ids[b, j] = lm.tokenizer.mask_token_id
+            logits = lm.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for b, c in enumerate(batch):
+                t, j, ids = copies[c]
+                out[t][j - 1] = log_probs[b, j, ids[j]].item()
+    return out
+
+
+# ---- helpers ----
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max((abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)), default=0.0)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"baseline server exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.5)
+    raise SystemExit(f"{url} did not come up in {timeout_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
