@@ -369,21 +369,26 @@ def _add_demo(commands) -> None:
         commands, "demo", "Run the whole path on the bundled Japanese sample with a local Ray.", _run_demo
     )
     sub.add_argument("--work-dir", default="runs/demo", help="where artifacts go; a re-run reuses them")
+    sub.add_argument("--max-steps", type=int, default=600, help="pretraining steps of the tiny model")
     _add_ray_flags(sub)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    import time
+
     import ray
 
     from jbert_ray.demo import run_demo
 
+    started = time.perf_counter()
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     try:
-        artifacts = run_demo(args.work_dir, show_progress=not args.no_progress)
+        artifacts = run_demo(args.work_dir, max_steps=args.max_steps, show_progress=not args.no_progress)
     finally:
         ray.shutdown()
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; artifacts:")
     for name, path in artifacts.items():
-        print(f"[demo] {name:<10} {path}")
+        print(f"[demo]   {name:<16} {path}")
 
 
 def _add_serve(commands) -> None:
