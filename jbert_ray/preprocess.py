@@ -276,11 +276,9 @@ def preflight(config: PreprocessConfig) -> tuple[PreprocessConfig, str, list[str
     validate(config)
     tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
     paths, _ = resolve_paths(config.input)
-    out = Path(config.output_dir).absolute()
-    if "://" not in config.input and any(Path(p).is_relative_to(out) for p in paths):
-        raise UserError(
-            f"output {config.output_dir} is inside the corpus {config.input}: choose another --out"
-        )
+    out = Path(config.output_dir).resolve()
+    if "://" not in config.input and _overlaps(out, config.input, paths):
+        raise UserError(f"output {config.output_dir} and corpus {config.input} overlap: choose another --out")
     ShardsDir.check(out, overwrite=config.overwrite, resume=config.resume)
     return _absolute_paths(config, tokenizer_dir), tokenizer_sha, paths
 
@@ -327,6 +325,17 @@ def _absolute_paths(config: PreprocessConfig, tokenizer_dir: Path) -> Preprocess
     if "://" not in config.input:
         values["input"] = str(Path(config.input).absolute())
     return PreprocessConfig.from_dict(values)
+
+
+def _overlaps(out: Path, corpus: str, paths: list[str]) -> bool:
+    """Would the output hold corpus files, or fall under the folder (or glob) that the corpus is listed from?"""
+    if any(Path(p).is_relative_to(out) for p in paths):
+        return True
+    base = Path(corpus.split("*")[0].split("?")[0].split("[")[0] or ".")
+    listed = base if base.is_dir() and not Path(corpus).is_file() else None
+    if any(ch in corpus for ch in "*?["):
+        listed = base if base.is_dir() else base.parent
+    return listed is not None and out.is_relative_to(listed.resolve())
 
 
 def _check_pool_fits(num_actors: int) -> None:
