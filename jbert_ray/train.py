@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from jbert_ray.masking import MaskingConfig, mask_batch
+from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import SparseMaskedLM, bert_config_dict, build_model
 from jbert_ray.train_state import (
-    PROGRESS_FILE, STREAM_FILE, MetricsLog, ShardInfo, inspect_shards, load_train_state, plan_stream, plot_curves,
-    read_json, save_train_state, vocab_sha256, write_json,
+    PROGRESS_FILE, STREAM_FILE, MetricsLog, ShardInfo, build_train_stream, build_valid_stream, inspect_shards,
+    load_train_state, plot_curves, read_json, save_train_state, stream_spec, vocab_sha256, write_json,
 )
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
@@ -90,7 +90,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     shards, bert_config = check_inputs(cfg)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources())
     _check_run_dir(run_dir, cfg, bert_config)
-    spec = _stream_spec(cfg, shards, run_dir)
+    spec = stream_spec(cfg, shards, run_dir)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
     if shards.valid_rows:
         datasets["valid"] = build_valid_stream(spec)
@@ -184,59 +184,6 @@ def check_resources(cfg: PretrainConfig, cluster: dict) -> float:
     return per_worker
 
 
-def build_train_stream(spec: dict):
-    """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
-
-    Called by Ray Train at every worker-group start, so after a failure the stream restarts where the latest
-    checkpoint left off (to the file; workers skip the rest of the way) instead of at the corpus start.
-    """
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = spec["show_progress"]  # runs in the controller
-    run_dir = Path(spec["run_dir"])
-    consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
-    start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
-    write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
-    parts = [
-        ray.data.read_parquet([spec["files"][i] for i in order], columns=["input_ids", "word_start"])
-        .map_batches(mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"])
-        for epoch, order in epochs
-    ]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def build_valid_stream(spec: dict):
-    """The valid set with one fixed mask draw (its own seed), so evaluations compare like with like."""
-    import ray.data
-
-    kwargs = {**spec["mask_kwargs"], "seed": spec["seed"] + 1, "epoch": 0}
-    return ray.data.read_parquet(spec["valid_files"], columns=["input_ids", "word_start"]).map_batches(
-        mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"]
-    )
-
-
-def _stream_spec(cfg: PretrainConfig, shards: ShardInfo, run_dir: Path) -> dict:
-    from jbert_ray.tokenizer import JapaneseTokenizer
-
-    tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
-    return {
-        "run_dir": str(run_dir),
-        "files": [str(p) for p in shards.train_files],
-        "file_rows": shards.train_file_rows,
-        "valid_files": [str(p) for p in shards.valid_files],
-        # one spare global batch: the equal split may drop up to num_workers - 1 rows at the end
-        "sequences_needed": (cfg.max_steps + 1) * cfg.global_batch_size,
-        "seed": cfg.seed,
-        "data_cpus": cfg.data_cpus,
-        "show_progress": cfg.show_progress,
-        "mask_kwargs": {
-            "vocab_size": tokenizer.vocab_size, "special_ids": sorted(tokenizer.special_ids),
-            "mask_id": tokenizer.mask_token_id, "pad_id": tokenizer.pad_token_id,
-            "max_seq_len": shards.max_seq_len, "config": cfg.masking, "seed": cfg.seed,
-        },
-    }
-
-
 def _check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> None:
     from jbert_ray.errors import UserError
     from jbert_ray.output_dir import prepare_output_dir
@@ -321,6 +268,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     log = MetricsLog(run_dir, resume_step=step) if rank == 0 else None
+    start_step = step
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
     skip = max(0, step * cfg.global_batch_size - _stream_start(run_dir)) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
@@ -331,6 +279,8 @@ def train_loop_per_worker(config: dict) -> None:
         micro = [b for _, b in zip(range(accumulate), batches)]
         if len(micro) < accumulate:  # stream exhausted; equal splits make every rank stop together
             break
+        if not window.steps and step == start_step:
+            window.reset()  # tokens_per_s leaves out the stream's start-up (and the skip after a resume)
         lr = lr_at_step(step, cfg)
         window.add(train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast))
         step += 1

@@ -1,6 +1,6 @@
 """Training state on disk: optimizer + step + RNG in a checkpoint (safetensors + JSON, no pickles), the run's
-metrics (metrics.csv, TensorBoard, a loss/accuracy PNG), and the data position: which shard files an input stream
-starts from after a resume (the shards as training reads them: manifest.json, train/, valid/, tokenizer/).
+metrics (metrics.csv, TensorBoard, a loss/accuracy PNG), and the data position: the Ray Data input streams
+(shards → mask_batch, a fresh draw per epoch) and where they restart after a resume or a failure.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from jbert_ray.errors import UserError
+from jbert_ray.masking import mask_batch
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
@@ -24,7 +25,7 @@ PROGRESS_FILE = "progress.json"  # run dir: step of the latest persisted checkpo
 STREAM_FILE = "stream.json"  # run dir: where the current input stream starts (written by the data stream)
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = (
-    "step", "loss", "accuracy", "lr", "tokens_per_s", "grad_norm", "eval_loss", "eval_accuracy", "elapsed_s",
+    "step", "loss", "accuracy", "lr", "tokens_per_s", "grad_norm", "eval_loss", "eval_accuracy",
 )
 
 
@@ -255,6 +256,60 @@ def plan_stream(
         plan.append((epoch + 1, epoch_order(len(file_rows), seed, epoch + 1)))
         start = (epoch + 1) * per_epoch
     return start, plan
+
+
+def build_train_stream(spec: dict):
+    """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
+
+    Called by Ray Train at every worker-group start, so after a failure the stream restarts where the latest
+    checkpoint left off (to the file; workers skip the rest of the way) instead of at the corpus start.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = spec["show_progress"]  # runs in the controller
+    run_dir = Path(spec["run_dir"])
+    consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
+    start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
+    write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
+    parts = [
+        ray.data.read_parquet([spec["files"][i] for i in order], columns=["input_ids", "word_start"])
+        .map_batches(mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"])
+        for epoch, order in epochs
+    ]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def build_valid_stream(spec: dict):
+    """The valid set with one fixed mask draw (its own seed), so evaluations compare like with like."""
+    import ray.data
+
+    kwargs = {**spec["mask_kwargs"], "seed": spec["seed"] + 1, "epoch": 0}
+    return ray.data.read_parquet(spec["valid_files"], columns=["input_ids", "word_start"]).map_batches(
+        mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"]
+    )
+
+
+def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
+    """Plain data for the stream builders (they run in the Ray Train controller): files, counts, masking."""
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
+    return {
+        "run_dir": str(run_dir),
+        "files": [str(p) for p in shards.train_files],
+        "file_rows": shards.train_file_rows,
+        "valid_files": [str(p) for p in shards.valid_files],
+        # one spare global batch: the equal split may drop up to num_workers - 1 rows at the end
+        "sequences_needed": (cfg.max_steps + 1) * cfg.global_batch_size,
+        "seed": cfg.seed,
+        "data_cpus": cfg.data_cpus,
+        "show_progress": cfg.show_progress,
+        "mask_kwargs": {
+            "vocab_size": tokenizer.vocab_size, "special_ids": sorted(tokenizer.special_ids),
+            "mask_id": tokenizer.mask_token_id, "pad_id": tokenizer.pad_token_id,
+            "max_seq_len": shards.max_seq_len, "config": cfg.masking, "seed": cfg.seed,
+        },
+    }
 
 
 def _read_lines(path: Path) -> list[str]:
