@@ -1,0 +1,98 @@
+"""Offline scoring benchmark (issue 7): `run_scoring` with 2 actors vs 1 actor, and the job vs a single-process
+loop calling `MaskedLM.score` directly (one torch thread, like one actor), all in this one run.
+
+    python bench/score.py            # ja_valid.jsonl.gz (1,550 records), a 2-layer 128-wide BERT
+    python bench/score.py --quick    # 200 records
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+SAMPLE = Path(__file__).resolve().parents[1] / "jbert_ray" / "sample" / "ja_sample.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus-dir", type=Path, default=CORPUS)
+    parser.add_argument("--quick", action="store_true", help="200 records instead of all 1,550")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    records = [json.loads(line) for line in gzip.open(args.corpus_dir / "ja_valid.jsonl.gz", "rt")]
+    records = records[:200] if args.quick else records
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        corpus = work / "valid.jsonl"
+        corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        model_dir = make_model(work / "model")
+        direct = direct_loop(model_dir, [r["text"] for r in records])
+        jobs = {actors: job(model_dir, corpus, work / f"scores_{actors}", actors) for actors in (1, 2)}
+    print(f"\n== offline scoring, {len(records):,} sentences (ja_valid), BERT L2 H128, CPU ==")
+    print(f"  single process, MaskedLM.score, 1 thread: {direct:7.2f} sentences/s")
+    for actors, rate in jobs.items():
+        print(f"  jbert score job, {actors} actor(s):          {rate:7.2f} sentences/s")
+    print(f"  2 actors ÷ 1 actor:                       {jobs[2] / jobs[1]:.2f}  (target ≥ 1.7)")
+    print(f"  job (1 actor) ÷ direct loop (1 thread):   {jobs[1] / direct:.2f}  (target ≥ 0.8)")
+    print(f"  job (2 actors) ÷ direct loop (1 thread):  {jobs[2] / direct:.2f}")
+
+
+def make_model(path: Path) -> Path:
+    """A randomly initialized 2-layer BERT with a vocab trained on the bundled sample (throughput only)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from jbert_ray.checkpoint import save_model_dir
+    from jbert_ray.text import normalize
+    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+    tagger = build_tagger()
+    texts = [json.loads(line)["text"] for line in SAMPLE.open(encoding="utf-8")]
+    tokenizer = train_vocab(Counter(w for t in texts for w in tagger.parse(normalize(t)).split()),
+                            TokenizerConfig(vocab_size=8000))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=512)
+    save_model_dir(path, BertForMaskedLM(config), tokenizer)
+    return path
+
+
+def direct_loop(model_dir: Path, texts: list[str], batch_size: int = 64) -> float:
+    import torch
+
+    from jbert_ray.inference import MaskedLM
+
+    torch.set_num_threads(1)
+    lm = MaskedLM.from_pretrained(model_dir, device="cpu")
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        lm.score(texts[i:i + batch_size])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def job(model_dir: Path, corpus: Path, out: Path, actors: int) -> float:
+    """Sentences/s of run_scoring on a fresh 2-CPU local Ray (start-up excluded, actor start-up included)."""
+    import ray
+    import ray.data
+
+    from jbert_ray.scoring import ScoreConfig, run_scoring
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        summary = run_scoring(ScoreConfig(input=str(corpus), model_dir=str(model_dir), output_dir=str(out),
+                                          num_actors=actors, show_progress=False))
+    finally:
+        ray.shutdown()
+    return summary["sentences_per_s"]
+
+
+if __name__ == "__main__":
+    main()
