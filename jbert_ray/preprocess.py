@@ -78,7 +78,7 @@ class PreprocessConfig:
 class ShardWriter:
     """Ray Data callable: a batch of corpus records → shard files in staging + one summary row."""
 
-    def __init__(self, config: dict, doc_root: str):
+    def __init__(self, config: dict, doc_root: str, run_token: str):
         self.config = PreprocessConfig.from_dict(config)
         self.tokenizer = JapaneseTokenizer.from_pretrained(self.config.tokenizer_dir)  # one tagger per actor
         # clean_text has applied NFKC already; it is idempotent, so the tokenizer's own pass can be skipped.
@@ -86,6 +86,7 @@ class ShardWriter:
             self.tokenizer.normalize_text = False
         self.shards = ShardsDir(self.config.output_dir)
         self.doc_root = doc_root
+        self.run_token = run_token
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -107,6 +108,8 @@ class ShardWriter:
         if rejects:
             files.append(self.shards.write_lines(f"rejects/part-{key}.jsonl", rejects))
         counts["actor_seconds"] = time.perf_counter() - start  # busy time; ÷ wall time = pool utilization
+        if self.shards.current_run() != self.run_token:  # a worker outliving a killed run: leave no record
+            raise RuntimeError(f"{self.config.output_dir} is now owned by another run; not committing {key}")
         self.shards.commit(key, {"ranges": ranges, "files": files, "counts": counts})
         return {name: np.array([counts[name]]) for name in ("records_read", "records_rejected", "tokens")}
 
@@ -225,6 +228,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
         return {**shards.manifest(), "already_complete": True}
     shards.check_run_config(run_config)
     done = shards.recover()  # done records of an interrupted run (empty on a fresh one)
+    run_token = shards.start_run()
     _copy_tokenizer(Path(config.tokenizer_dir), shards.staging / "tokenizer")
     for folder in ("train", "rejects") + (("valid",) if config.valid_fraction else ()):
         (shards.staging / folder).mkdir(exist_ok=True)  # present even when empty: readers can rely on them
@@ -236,7 +240,9 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
         positions=True, skip=done,
     ).map_batches(
         ShardWriter,
-        fn_constructor_kwargs={"config": asdict(config), "doc_root": _common_root(paths)},
+        fn_constructor_kwargs={
+            "config": asdict(config), "doc_root": _common_root(paths), "run_token": run_token,
+        },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=actor_pool(config.num_actors),  # one tokenizer (MeCab tagger) per actor
@@ -248,6 +254,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
             totals[name] += int(row[name])
         progress.update(**totals)
 
+    shards.prune()  # files of a retried or cut-short batch that no done record names are not published
     manifest = build_manifest(
         shards.done_records(), asdict(config), tokenizer_sha,
         run_config=run_config, resumed=bool(done), seconds=progress.elapsed_s,

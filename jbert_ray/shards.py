@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -28,6 +29,7 @@ PUBLISHED = ("train", "valid", "static", "rejects", "tokenizer")  # folders move
 SPLITS = ("train", "valid")
 _DONE = "done"
 _RUN_CONFIG = "run_config.json"
+_RUN_TOKEN = "run_token.json"
 
 
 class ShardsDir:
@@ -111,6 +113,10 @@ class ShardsDir:
         for name in PUBLISHED:
             if (self.root / name).exists() and not (self.staging / name).exists():
                 os.replace(self.root / name, self.staging / name)
+        return self.prune()
+
+    def prune(self) -> dict[str, list[tuple[int, int]]]:
+        """Delete staged files that no done record names (a batch cut short); return the done input lines."""
         keep: set[str] = set()
         ranges = []
         for record in self.done_records():
@@ -121,6 +127,18 @@ class ShardsDir:
                 if path.is_file() and path.relative_to(self.staging).as_posix() not in keep:
                     path.unlink()
         return merge_ranges(ranges)
+
+    def start_run(self) -> str:
+        """A new token for this run: workers of an earlier, killed run see it and stop committing."""
+        token = uuid.uuid4().hex
+        write_json_atomic(self.staging / _RUN_TOKEN, {"run": token})
+        return token
+
+    def current_run(self) -> str | None:
+        try:
+            return json.loads((self.staging / _RUN_TOKEN).read_text(encoding="utf-8"))["run"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def done_records(self) -> Iterator[dict]:
         for path in sorted((self.staging / _DONE).glob("*.json")):

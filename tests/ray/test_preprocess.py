@@ -229,9 +229,10 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
         "100",
     ]
     # Our own child (and the local Ray it starts) in a fresh process group, so only it is killed.
+    log = (tmp_path / "child.log").open("w")
     child = subprocess.Popen(
         [sys.executable, "-m", "jobs.preprocess", *args, "--no-progress", "--num-cpus", "2"],
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     done = out / ".staging" / "done"
     deadline = time.monotonic() + 120
@@ -240,9 +241,10 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     _wait_for_group_exit(child.pid)
+    log.close()
     assert not (out / "manifest.json").exists()  # killed mid-way: the output does not look complete
     before = len(list(done.glob("*.json")))
-    assert 5 <= before < 60
+    assert 5 <= before < 60, (tmp_path / "child.log").read_text()[-3000:]
 
     assert main(["preprocess", *args, "--no-progress"]) == 2  # not empty: refuses without --resume
     with pytest.raises(UserError, match="settings differ"):

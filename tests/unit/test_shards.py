@@ -68,3 +68,34 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(UserError, match="max_seq_len: 128 → 256"):
         shards.check_run_config({"max_seq_len": 256})
     shards.close()
+
+
+def test_a_worker_of_an_earlier_run_commits_nothing(tmp_path, tokenizer_dir):
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from jbert_ray.preprocess import PreprocessConfig, ShardWriter
+
+    shards = ShardsDir.open(tmp_path / "out")
+    config = PreprocessConfig(input="c.jsonl", tokenizer_dir=str(tokenizer_dir), output_dir=str(shards.root))
+    writer = ShardWriter(asdict(config), str(tmp_path), shards.start_run())
+    texts = ["東京は日本の首都です。大阪は大きな都市です。", "   "]
+    batch = {
+        "record_id": np.array([f"{tmp_path}/c.jsonl:{i}" for i in (1, 2)], dtype=object),
+        "text": np.array(texts, dtype=object),
+        "reject": np.array(["", ""], dtype=object),
+        "path": np.array(["c.jsonl"] * 2, dtype=object),
+        "line": np.array([1, 2]),
+    }
+    assert writer(batch)["records_rejected"][0] == 1
+    (record,) = shards.done_records()
+    assert record["ranges"] == {"c.jsonl": [[1, 2]]} and record["counts"]["splits"]["train"]["documents"] == 1
+    shards.start_run()  # a resumed run took over the output
+    batch["line"] = np.array([3, 4])
+    with pytest.raises(RuntimeError, match="another run"):
+        writer(batch)
+    assert len(list(shards.done_records())) == 1
+    assert shards.prune() == {"c.jsonl": [(1, 2)]}  # and its files are dropped
+    assert sorted(p.name for p in (shards.staging / "rejects").iterdir()) == [f"part-{record['key']}.jsonl"]
+    shards.close()
