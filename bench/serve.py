@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,18 +29,36 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
 TRAIN_CORPUS = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
 SIZES = {
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+    "base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="model dir (default: build a random one of --size in a temp dir)")
     parser.add_argument("--size", default="small", choices=sorted(SIZES), help="random model to build")
     parser.add_argument("--quick", action="store_true", help="fewer requests and sentences (smoke run)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, every phase")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process, both sides (OpenMP threads spin: >1 on a busy machine can be 10x slower)",
+    )
+    parser.add_argument("--replicas", type=int, default=0, help="Serve replicas (0 = CPUs / threads)")
     parser.add_argument(
         "--phases", default="baseline,serve,score", help="comma-separated subset of baseline,serve,score"
     )
@@ -55,15 +72,23 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_model(Path(tmp) / "model", args.size)
         requests_per_client = 10 if args.quick else 40
-        print(f"model {model_dir} ({describe(model_dir)}); torch threads {args.threads}; "
-              f"{os.cpu_count()} CPUs; load average before {load_before[0]:.1f}", flush=True)
+        print(
+            f"model {model_dir} ({describe(model_dir)}); torch threads {args.threads}; "
+            f"{os.cpu_count()} CPUs; load average before {load_before[0]:.1f}",
+            flush=True,
+        )
         phases = set(args.phases.split(","))
         if phases & {"baseline", "serve"}:
-            bench_http(model_dir, args.clients, requests_per_client, args.threads, phases)
+            replicas = args.replicas or max(1, (os.cpu_count() or 1) // args.threads)
+            bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
         if "score" in phases:
-            bench_score(model_dir, args.threads, n_texts=32 if args.quick else 128, n_naive=6 if args.quick else 16)
-    print(f"load average after {os.getloadavg()[0]:.1f} (other processes share these CPUs: "
-          "timings are noisy when it exceeds the CPU count)")
+            bench_score(
+                model_dir, args.threads, n_texts=32 if args.quick else 128, n_naive=6 if args.quick else 16
+            )
+    print(
+        f"load average after {os.getloadavg()[0]:.1f} (other processes share these CPUs: "
+        "timings are noisy when it exceeds the CPU count)"
+    )
 
 
 # ---- the model ----
@@ -71,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_model(path: Path, size: str) -> str:
     """A randomly initialised BertForMaskedLM with a WordPiece vocabulary trained on the shared corpus."""
-    import torch
     from collections import Counter
+
+    import torch
     from transformers import BertConfig, BertForMaskedLM
 
     from jbert_ray.checkpoint import save_model_dir
@@ -91,8 +117,9 @@ def build_model(path: Path, size: str) -> str:
 
 def describe(model_dir: str) -> str:
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return (f"hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-            f"vocab {config['vocab_size']}")
+    return (
+        f"hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, vocab {config['vocab_size']}"
+    )
 
 
 def read_texts(path: Path) -> list[str]:
@@ -122,16 +149,32 @@ def bench_sentences(model_dir: str, n: int, masked: bool) -> list[str]:
 # ---- 1. fill-mask over HTTP ----
 
 
-def bench_http(model_dir: str, clients: int, per_client: int, threads: int, phases: set[str]) -> None:
+def bench_http(
+    model_dir: str, clients: int, per_client: int, threads: int, replicas: int, phases: set[str]
+) -> None:
     bodies = [{"text": t, "top_k": 5} for t in bench_sentences(model_dir, 256, masked=True)]
     total = clients * per_client
-    print(f"\nfill-mask over HTTP: {clients} concurrent clients, {total} requests each side (after warm-up)",
-          flush=True)
+    print(
+        f"\nfill-mask over HTTP: {clients} concurrent clients, {total} requests each side (after warm-up), "
+        f"torch threads {threads} per process",
+        flush=True,
+    )
     baseline = ours = None
     if "baseline" in phases:
         port = free_port()
-        server = subprocess.Popen([sys.executable, __file__, "--baseline-server", "--model", model_dir,
-                                   "--port", str(port), "--threads", str(threads)])
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--baseline-server",
+                "--model",
+                model_dir,
+                "--port",
+                str(port),
+                "--threads",
+                str(threads),
+            ]
+        )
         try:
             wait_until_up(f"http://127.0.0.1:{port}/healthz", server)
             baseline = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
@@ -140,13 +183,15 @@ def bench_http(model_dir: str, clients: int, per_client: int, threads: int, phas
             server.wait(30)
         report("plain FastAPI + uvicorn + pipeline", baseline)
     if "serve" in phases:
-        ours = run_serve_load(model_dir, bodies, clients, per_client, threads)
-        report("Ray Serve (jbert_ray.serving)", ours)
+        ours = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas)
+        report(f"Ray Serve (jbert_ray), {replicas} replica(s)", ours)
     if baseline and ours:
         print(f"  requests/s ratio: {ours['rps'] / baseline['rps']:.2f}x (target >= 3)", flush=True)
 
 
-def run_serve_load(model_dir: str, bodies: list[dict], clients: int, per_client: int, threads: int) -> dict:
+def run_serve_load(
+    model_dir: str, bodies: list[dict], clients: int, per_client: int, threads: int, replicas: int
+) -> dict:
     import ray
     from ray import serve
 
@@ -156,15 +201,29 @@ def run_serve_load(model_dir: str, bodies: list[dict], clients: int, per_client:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeArgs(model_dir=model_dir, num_cpus=1, num_threads=threads, min_replicas=1, max_replicas=1,
-                         max_batch_size=32, batch_wait_timeout_s=0.005, max_ongoing_requests=64)
-        serve.run(build_app(args), name="bench", route_prefix="/",
-                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        cpus = min(threads, (os.cpu_count() or 1) / replicas)  # Ray resources only; threads set the real use
+        args = ServeArgs(
+            model_dir=model_dir,
+            num_cpus=cpus,
+            num_threads=threads,
+            min_replicas=replicas,
+            max_replicas=replicas,
+            max_batch_size=32,
+            batch_wait_timeout_s=0.005,
+            max_ongoing_requests=64,
+        )
+        serve.run(
+            build_app(args),
+            name="bench",
+            route_prefix="/",
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
         result = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
         import requests
 
         result["max_batch"] = requests.get(f"http://127.0.0.1:{port}/info", timeout=30).json()["stats"][
-            "fill_mask"]["max_batch_size"]
+            "fill_mask"
+        ]["max_batch_size"]
         return result
     finally:
         serve.shutdown()
@@ -197,8 +256,13 @@ def load_test(url: str, bodies: list[dict], clients: int, per_client: int) -> di
     run_clients(client, clients, per_client, record=True)
     wall = time.perf_counter() - start
     latencies.sort()
-    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "errors": len(errors), "first_error": errors[0] if errors else ""}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+    }
 
 
 def run_clients(client, clients: int, count: int, record: bool) -> None:
@@ -212,8 +276,11 @@ def run_clients(client, clients: int, count: int, record: bool) -> None:
 def report(name: str, result: dict) -> None:
     extra = f"   largest batch {result['max_batch']}" if "max_batch" in result else ""
     errors = f"   {result['errors']} errors (first: {result['first_error']})" if result["errors"] else ""
-    print(f"  {name:<36} {result['rps']:7.1f} req/s   p50 {result['p50'] * 1000:7.1f} ms   "
-          f"p99 {result['p99'] * 1000:7.1f} ms{extra}{errors}", flush=True)
+    print(
+        f"  {name:<36} {result['rps']:7.1f} req/s   p50 {result['p50'] * 1000:7.1f} ms   "
+        f"p99 {result['p99'] * 1000:7.1f} ms{extra}{errors}",
+        flush=True,
+    )
 
 
 def run_baseline_server(model_dir: str, port: int, threads: int) -> None:
@@ -250,21 +317,30 @@ def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> Non
     lm = MaskedLM.from_pretrained(model_dir, device="cpu")
     texts = bench_sentences(model_dir, n_texts, masked=False)
     n_tokens = sum(len(e.ids) - 2 for e in lm.encode(texts))
-    print(f"\nPLL scoring: {len(texts)} sentences, {n_tokens / len(texts):.1f} tokens on average "
-          f"(naive reference on the first {n_naive})", flush=True)
+    print(
+        f"\nPLL scoring: {len(texts)} sentences, {n_tokens / len(texts):.1f} tokens on average "
+        f"(naive reference on the first {n_naive})",
+        flush=True,
+    )
     lm.score(texts[:4])  # warm-up
     ours, ours_s = timed(lambda: lm.score(texts))
     full, full_s = timed(lambda: full_output_pll(lm, texts))
     naive, naive_s = timed(lambda: naive_pll(lm, texts[:n_naive]))
     rate = {"ours": len(texts) / ours_s, "full": len(texts) / full_s, "naive": n_naive / naive_s}
     print(f"  {'MaskedLM.score':<36} {rate['ours']:8.2f} sentences/s", flush=True)
-    print(f"  {'naive PLL (batch 1, full output)':<36} {rate['naive']:8.2f} sentences/s   "
-          f"ratio {rate['ours'] / rate['naive']:.2f}x (target >= 5)")
-    print(f"  {'batched copies, full output layer':<36} {rate['full']:8.2f} sentences/s   "
-          f"ratio {rate['ours'] / rate['full']:.2f}x (target >= 1.5)")
+    print(
+        f"  {'naive PLL (batch 1, full output)':<36} {rate['naive']:8.2f} sentences/s   "
+        f"ratio {rate['ours'] / rate['naive']:.2f}x (target >= 5)"
+    )
+    print(
+        f"  {'batched copies, full output layer':<36} {rate['full']:8.2f} sentences/s   "
+        f"ratio {rate['ours'] / rate['full']:.2f}x (target >= 1.5)"
+    )
     diff_naive = max_diff([r["token_pll"] for r in ours[:n_naive]], naive)
     diff_full = max_diff([r["token_pll"] for r in ours], full)
-    print(f"  max |token PLL difference|: vs naive {diff_naive:.1e}, vs full output {diff_full:.1e}", flush=True)
+    print(
+        f"  max |token PLL difference|: vs naive {diff_naive:.1e}, vs full output {diff_full:.1e}", flush=True
+    )
 
 
 def naive_pll(lm, texts: list[str]) -> list[list[float]]:
@@ -299,8 +375,8 @@ def full_output_pll(lm, texts: list[str]) -> list[list[float]]:
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             for b, c in enumerate(batch):
                 _, j, ids = copies[c]
-                input_ids[b, :len(ids)] = torch.tensor(ids)
-                attention_mask[b, :len(ids)] = 1
+                input_ids[b, : len(ids)] = torch.tensor(ids)
+                attention_mask[b, : len(ids)] = 1
                 input_ids[b, j] = lm.tokenizer.mask_token_id
             logits = lm.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -38,19 +38,20 @@ def save_model_dir(path: str | os.PathLike, model, tokenizer: JapaneseTokenizer)
 
 
 def load_model_dir(
-    path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[BertForMaskedLM, JapaneseTokenizer]:
     """Load a model directory (ours or a Tohoku-style HF Japanese BERT) in eval mode on `device`.
 
     Args:
         path: a local directory with config.json, model.safetensors and vocab.txt (+ tokenizer_config.json).
         device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
-        dtype: weights dtype (e.g. torch.bfloat16 on GPU); None keeps the saved float32.
+        dtype: weights dtype (torch.bfloat16 or "bfloat16" on GPUs and bf16-capable CPUs); None = float32.
     """
     from transformers import BertForMaskedLM
 
     path = check_model_dir(path)
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     tokenizer = JapaneseTokenizer.from_pretrained(path)
     model = BertForMaskedLM.from_pretrained(
         path,
@@ -93,6 +94,25 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not (path / "vocab.txt").is_file():
         raise UserError(f"{path} is not a model directory: it has no vocab.txt (tokenizer files)")
     return path
+
+
+def resolve_dtype(dtype: torch.dtype | str | None):
+    """None/"float32" → torch.float32; "bfloat16"/"bf16", "float16"/"fp16" → the torch dtype."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
 
 
 def resolve_device(device: str = "auto") -> str:

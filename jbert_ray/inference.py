@@ -40,7 +40,9 @@ class TextScore(TypedDict):
 class InferenceConfig:
     max_batch_tokens: int = 0  # padded tokens (B × T) per forward; 0 = 8192 on CPU, 65536 on GPU
     max_batch_size: int = 512  # sequences per forward, whatever their length
-    long_text: str = "window"  # longer than max_length: "window" (sliding windows) or "error" (TextTooLongError)
+    long_text: str = (
+        "window"  # longer than max_length: "window" (sliding windows) or "error" (TextTooLongError)
+    )
     window_stride: int = 0  # tokens between window starts; 0 = half a window (every token keeps ≥ ¼ context)
     max_length: int = 0  # tokens incl. [CLS]/[SEP]; 0 = min(model max positions, tokenizer model_max_length)
 
@@ -65,8 +67,13 @@ class _Copy:
 class MaskedLM:
     """A BERT masked LM and its tokenizer, loaded once; batched fill-mask and PLL scoring."""
 
-    def __init__(self, model, tokenizer: JapaneseTokenizer, config: InferenceConfig = InferenceConfig(),
-                 model_dir: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: JapaneseTokenizer,
+        config: InferenceConfig = InferenceConfig(),
+        model_dir: str | None = None,
+    ):
         import torch
 
         self.model = model.eval()
@@ -78,15 +85,25 @@ class MaskedLM:
         positions = model.config.max_position_embeddings
         self.max_length = min(config.max_length or positions, positions, tokenizer.model_max_length)
         if self.max_length < 3:
-            raise UserError(f"max_length {self.max_length} leaves no room for a token between [CLS] and [SEP]")
+            raise UserError(
+                f"max_length {self.max_length} leaves no room for a token between [CLS] and [SEP]"
+            )
         on_gpu = self.device.type != "cpu"
         self.max_batch_tokens = max(config.max_batch_tokens or (65536 if on_gpu else 8192), self.max_length)
         self._torch = torch
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, device: str = "auto", dtype=None,
-                        config: InferenceConfig = InferenceConfig()) -> MaskedLM:
-        """Load a model directory (ours or a Tohoku-style HF Japanese BERT) on "cpu", "cuda" or "auto"."""
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        device: str = "auto",
+        dtype=None,
+        config: InferenceConfig = InferenceConfig(),
+    ) -> MaskedLM:
+        """Load a model directory (ours or a Tohoku-style HF Japanese BERT) on "cpu", "cuda" or "auto".
+
+        dtype: None/"float32" (default), "bfloat16" or "float16" weights; scores are computed in float32 anyway.
+        """
         from jbert_ray.checkpoint import load_model_dir
 
         model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
@@ -109,7 +126,7 @@ class MaskedLM:
             content = encoding.ids[1:-1]
             masks = [i for i, token_id in enumerate(content) if token_id == self.tokenizer.mask_token_id]
             for start, read in self._fill_mask_windows(text_index, content, masks):
-                sequences.append(self._with_specials(content[start:start + self.max_length - 2]))
+                sequences.append(self._with_specials(content[start : start + self.max_length - 2]))
                 copies.append(_Copy(len(sequences) - 1, (), tuple(p - start + 1 for p in read)))
                 owners.append((text_index, masks.index(read[0])))
         mask_id = self.tokenizer.mask_token_id
@@ -152,7 +169,7 @@ class MaskedLM:
             content, starts = encoding.ids[1:-1], encoding.word_start[1:-1]
             word_end = _word_ends(starts) if method == "pll-word-l2r" else range(1, len(content) + 1)
             for start, tokens in self._score_windows(text_index, len(content)):
-                sequences.append(self._with_specials(content[start:start + self.max_length - 2]))
+                sequences.append(self._with_specials(content[start : start + self.max_length - 2]))
                 window_end = start + self.max_length - 2
                 for j in tokens:
                     masked = range(j - start + 1, min(word_end[j], window_end) - start + 1)
@@ -169,8 +186,12 @@ class MaskedLM:
                 text_index, j = owners[copy_index]
                 token_pll[text_index][j] = value
         return [
-            TextScore(pll=float(sum(values)), n_tokens=len(values), token_pll=values,
-                      tokens=self.tokenizer.convert_ids_to_tokens(e.ids[1:-1]))
+            TextScore(
+                pll=float(sum(values)),
+                n_tokens=len(values),
+                token_pll=values,
+                tokens=self.tokenizer.convert_ids_to_tokens(e.ids[1:-1]),
+            )
             for values, e in zip(token_pll, encodings)
         ]
 
@@ -189,8 +210,9 @@ class MaskedLM:
 
     # ---- the batched forward ----
 
-    def _logits_at(self, sequences: list[list[int]], copies: list[_Copy]
-                   ) -> Iterator[tuple[list[int], object, list[int]]]:
+    def _logits_at(
+        self, sequences: list[list[int]], copies: list[_Copy]
+    ) -> Iterator[tuple[list[int], object, list[int]]]:
         """Yield (copy indices, float32 logits at their read positions (M, V), row offset of each copy).
 
         Copies are sorted by length and packed under max_batch_tokens (length bucketing), so padding stays small;
@@ -207,8 +229,8 @@ class MaskedLM:
                 for b, c in enumerate(batch):
                     copy = copies[c]
                     sequence = sequences[copy.seq]
-                    input_ids[b, :len(sequence)] = sequence
-                    attention_mask[b, :len(sequence)] = 1
+                    input_ids[b, : len(sequence)] = sequence
+                    attention_mask[b, : len(sequence)] = 1
                     input_ids[b, list(copy.mask_at)] = self.tokenizer.mask_token_id
                     offsets.append(len(rows))
                     rows.extend([b] * len(copy.read_at))
@@ -217,14 +239,18 @@ class MaskedLM:
                     input_ids=torch.from_numpy(input_ids).to(self.device),
                     attention_mask=torch.from_numpy(attention_mask).to(self.device),
                 ).last_hidden_state  # (B, T, H)
-                picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+                picked = hidden[
+                    torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+                ]
                 yield batch, self.model.cls(picked).float(), offsets  # (M, V)
 
     def _buckets(self, order: list[int], lengths: list[int]) -> Iterator[list[int]]:
         batch: list[int] = []
         for c in order:  # ascending length: the copy being added is the longest so far
-            if batch and ((len(batch) + 1) * lengths[c] > self.max_batch_tokens
-                          or len(batch) >= self.config.max_batch_size):
+            if batch and (
+                (len(batch) + 1) * lengths[c] > self.max_batch_tokens
+                or len(batch) >= self.config.max_batch_size
+            ):
                 yield batch
                 batch = []
             batch.append(c)

@@ -35,18 +35,27 @@ class ServeArgs(BaseModel):
 
     model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # a local directory
     device: str = "auto"  # "cpu", "cuda" or "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # bfloat16: ~2x on GPUs and bf16-capable CPUs
+    )
     max_batch_size: int = Field(32, ge=1)  # texts per @serve.batch call (one forward pass, length-bucketed)
     batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill up
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(32, gt=0)  # per replica; keeps a full batch waiting while one runs
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; must exceed the target for autoscaling to see load
-    max_queued_requests: int = Field(256, ge=-1)  # waiting for a replica beyond this → HTTP 503 (-1 = unbounded)
+    max_ongoing_requests: int = Field(
+        64, ge=1
+    )  # per replica; must exceed the target for autoscaling to see load
+    max_queued_requests: int = Field(
+        256, ge=-1
+    )  # waiting for a replica beyond this → HTTP 503 (-1 = unbounded)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
     num_cpus: float = Field(1, ge=0)  # per replica
     num_gpus: float = Field(0, ge=0)  # per replica; with device="auto" a GPU replica uses CUDA
-    num_threads: int = Field(0, ge=0)  # torch threads per replica; 0 = Ray's default (its CPU count, at least 1)
+    num_threads: int = Field(
+        0, ge=0
+    )  # torch threads per replica; 0 = Ray's default (its CPU count, at least 1)
     health_check_period_s: float = Field(10, gt=0)
     max_texts: int = Field(32, ge=1)  # texts per request
     max_text_chars: int = Field(2000, ge=1)
@@ -76,7 +85,9 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-api = FastAPI(title="jbert fill-mask", description="Japanese BERT fill-mask and pseudo-log-likelihood scoring.")
+api = FastAPI(
+    title="jbert fill-mask", description="Japanese BERT fill-mask and pseudo-log-likelihood scoring."
+)
 
 
 @api.exception_handler(ApiError)
@@ -90,7 +101,9 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"malformed JSON: {error}" if raw.strip() else "the request body is empty") from None
+        raise ApiError(
+            400, f"malformed JSON: {error}" if raw.strip() else "the request body is empty"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(422, f"the request body must be a JSON object, not {type(body).__name__}")
     try:
@@ -102,7 +115,12 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
 
 
 def _body_schema(model: type[BaseModel]) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 def _batched_response(key: str, answers: list[tuple[object, int]]) -> JSONResponse:
@@ -126,13 +144,19 @@ class FillMaskDeployment:
         self.args = ServeArgs(**args)
         if self.args.num_threads:
             torch.set_num_threads(self.args.num_threads)
-        self.lm = MaskedLM.from_pretrained(self.args.model_dir, device=self.args.device)
+        self.lm = MaskedLM.from_pretrained(
+            self.args.model_dir, device=self.args.device, dtype=self.args.dtype
+        )
         self.max_tokens = min(self.args.max_tokens or self.lm.max_length, 1 << 20)
         for method in (self._fill_mask_batch, self._score_batch):
             method.set_max_batch_size(self.args.max_batch_size)
             method.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self._model_lock = asyncio.Lock()  # one forward at a time per replica: MeCab and the CPU threads are shared
-        self.stats = {name: {"batches": 0, "texts": 0, "max_batch_size": 0} for name in ("fill_mask", "score")}
+        self._model_lock = (
+            asyncio.Lock()
+        )  # one forward at a time per replica: MeCab and the CPU threads are shared
+        self.stats = {
+            name: {"batches": 0, "texts": 0, "max_batch_size": 0} for name in ("fill_mask", "score")
+        }
         self.started_at = time.time()
 
     # ---- routes ----
@@ -151,13 +175,19 @@ class FillMaskDeployment:
             "vocab_size": self.lm.vocab_size,
             "max_length": self.lm.max_length,
             "device": str(self.lm.device),
+            "dtype": self.args.dtype,
             "replica": context.replica_id.to_full_id_str(),
-            "batching": {"max_batch_size": self.args.max_batch_size,
-                         "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+            "batching": {
+                "max_batch_size": self.args.max_batch_size,
+                "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+            },
             "max_ongoing_requests": self.args.max_ongoing_requests,
             "max_queued_requests": self.args.max_queued_requests,
-            "autoscaling": {"min_replicas": self.args.min_replicas, "max_replicas": self.args.max_replicas,
-                            "target_ongoing_requests": self.args.target_ongoing_requests},
+            "autoscaling": {
+                "min_replicas": self.args.min_replicas,
+                "max_replicas": self.args.max_replicas,
+                "target_ongoing_requests": self.args.target_ongoing_requests,
+            },
             "limits": {**{k: getattr(self.args, k) for k in limits}, "max_tokens": self.max_tokens},
             "stats": self.stats,
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -189,15 +219,19 @@ class FillMaskDeployment:
     async def _fill_mask_batch(self, items: list[tuple[str, int]]) -> list[tuple[list, int]]:
         top_k = max(k for _, k in items)
         results = await self._run("fill_mask", len(items), self.lm.fill_mask, [t for t, _ in items], top_k)
-        return [([candidates[:k] for candidates in per_mask], len(items))
-                for per_mask, (_, k) in zip(results, items)]
+        return [
+            ([candidates[:k] for candidates in per_mask], len(items))
+            for per_mask, (_, k) in zip(results, items)
+        ]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple[str, str]]) -> list[tuple[dict, int]]:
         results: list = [None] * len(items)
         for method in {m for _, m in items}:  # a batch may mix methods; each runs as one packed call
             indices = [i for i, (_, m) in enumerate(items) if m == method]
-            scores = await self._run("score", len(items), self.lm.score, [items[i][0] for i in indices], method)
+            scores = await self._run(
+                "score", len(items), self.lm.score, [items[i][0] for i in indices], method
+            )
             for i, result in zip(indices, scores):
                 results[i] = (result, len(items))
         return results
@@ -219,9 +253,13 @@ class FillMaskDeployment:
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.args.api_token):
-            raise ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <JBERT_API_TOKEN>')")
+            raise ApiError(
+                401, "missing or wrong bearer token (send 'Authorization: Bearer <JBERT_API_TOKEN>')"
+            )
 
-    def _texts(self, text: str | None, texts: list[str] | None, check: Callable[[int, str], None]) -> list[str]:
+    def _texts(
+        self, text: str | None, texts: list[str] | None, check: Callable[[int, str], None]
+    ) -> list[str]:
         if (text is None) == (texts is None):
             raise ApiError(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)')
         texts = [text] if text is not None else texts
@@ -233,7 +271,9 @@ class FillMaskDeployment:
             if not t.strip():
                 raise ApiError(422, f"text {i} is empty")
             if len(t) > self.args.max_text_chars:
-                raise ApiError(413, f"text {i} has {len(t)} characters; the limit is {self.args.max_text_chars}")
+                raise ApiError(
+                    413, f"text {i} has {len(t)} characters; the limit is {self.args.max_text_chars}"
+                )
             check(i, t)
         return texts
 
@@ -287,8 +327,11 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> No
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="jbert", route_prefix="/")
-        print(f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
-              "Ctrl-C to stop", flush=True)
+        print(
+            f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
+            "Ctrl-C to stop",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -12,8 +13,13 @@ import torch
 from jbert_ray.serving import ServeArgs, build_app
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
 
-TEXTS = ["東京は日本の[MASK]です。", "今日は[MASK]が降っているので、[MASK]を持って出かけた。", "[MASK]を食べた。"]
+TEXTS = [
+    "東京は日本の[MASK]です。",
+    "今日は[MASK]が降っているので、[MASK]を持って出かけた。",
+    "[MASK]を食べた。",
+]
 SMALL_REPLICA = {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "health_check_period_s": 1}
 
 
@@ -29,8 +35,13 @@ def serve_url(ray_cluster, tiny_model_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs(model_dir=str(tiny_model_dir), max_batch_size=16, batch_wait_timeout_s=0.05, max_tokens=128,
-                     **{**SMALL_REPLICA, "num_cpus": 0.5})
+    args = ServeArgs(
+        model_dir=str(tiny_model_dir),
+        max_batch_size=16,
+        batch_wait_timeout_s=0.05,
+        max_tokens=128,
+        **{**SMALL_REPLICA, "num_cpus": 0.5},
+    )
     serve.run(build_app(args), name="jbert-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -54,6 +65,26 @@ def post(url: str, body, headers: dict | None = None) -> requests.Response:
     data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
     headers = {"Content-Type": "application/json", **(headers or {})}
     return requests.post(url, data=data.encode(), headers=headers, timeout=60)
+
+
+def test_config_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "jbert_ray.serving:build_app" and config.http_options.host == "127.0.0.1"
+    assert ServeArgs(**app.args).max_queued_requests > 0  # every arg is a ServeArgs field
+
+
+def test_build_app_needs_a_model_dir(monkeypatch, tmp_path):
+    from jbert_ray.errors import UserError
+
+    monkeypatch.delenv("JBERT_MODEL_DIR", raising=False)
+    with pytest.raises(UserError, match="no model directory"):
+        build_app({})
+    with pytest.raises(UserError, match="no config.json"):
+        build_app({"model_dir": str(tmp_path)})
 
 
 def test_healthz_and_info(serve_url, tiny_model_dir):
@@ -86,16 +117,23 @@ def test_score_equals_a_naive_one_forward_per_position_reference(serve_url, tiny
     assert response.status_code == 200, response.text
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = BertForMaskedLM.from_pretrained(tiny_model_dir).eval()
-    for text, result in zip(texts, response.json()["scores"]):
-        ids = tokenizer(text)["input_ids"]
-        reference = []
-        for j in range(1, len(ids) - 1):
-            masked = ids[:j] + [tokenizer.mask_token_id] + ids[j + 1:]
-            with torch.no_grad():
-                logits = model(torch.tensor([masked])).logits[0, j]
-            reference.append(torch.log_softmax(logits, -1)[ids[j]].item())
-        assert result["token_pll"] == pytest.approx(reference, abs=1e-4)
-        assert result["pll"] == pytest.approx(sum(reference), abs=1e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # batch-1 forwards: extra OpenMP threads only spin (10x slower on a busy machine)
+    try:
+        for text, result in zip(texts, response.json()["scores"]):
+            ids = tokenizer(text)["input_ids"]
+            reference = []
+            for j in range(1, len(ids) - 1):
+                masked = ids[:j] + [tokenizer.mask_token_id] + ids[j + 1 :]
+                with torch.no_grad():
+                    logits = model(torch.tensor([masked])).logits[0, j]
+                reference.append(torch.log_softmax(logits, -1)[ids[j]].item())
+            assert result["token_pll"] == pytest.approx(reference, abs=1e-4)
+            assert result["pll"] == pytest.approx(sum(reference), abs=1e-3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_json_body_is_read_whatever_the_content_type(serve_url):

@@ -1,6 +1,7 @@
 """MaskedLM (fill-mask, PLL scoring) and model directories, on the tiny random model; no Ray."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,12 +25,28 @@ def lm(tiny_model_dir) -> MaskedLM:
 
 @pytest.fixture(scope="module")
 def short_texts(sample_texts, lm) -> list[str]:
-    """Sample sentences of 8–60 tokens, so the naive reference stays quick."""
-    return [t for t in sample_texts[:400] if 8 <= len(lm.encode([t])[0].ids) <= 60][:12]
+    """Six sample sentences of 8–60 tokens, so the naive reference stays quick."""
+    return [t for t in sample_texts[:400] if 8 <= len(lm.encode([t])[0].ids) <= 60][:6]
+
+
+@contextmanager
+def one_torch_thread():
+    """Hundreds of tiny forwards: OpenMP threads only spin on them (10x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def naive_pll(lm: MaskedLM, text: str, word_l2r: bool = False) -> list[float]:
     """The reference: one full forward per masked position, batch 1, full output layer."""
+    with one_torch_thread():
+        return _naive_pll(lm, text, word_l2r)
+
+
+def _naive_pll(lm: MaskedLM, text: str, word_l2r: bool) -> list[float]:
     encoding = lm.encode([text])[0]
     ids, starts, out = encoding.ids, encoding.word_start, []
     for j in range(1, len(ids) - 1):
@@ -94,7 +111,9 @@ def test_fill_mask_matches_the_transformers_pipeline(lm, tiny_model_dir):
         assert len(per_mask) == len(theirs) == text.count("[MASK]")
         for candidates, reference in zip(per_mask, theirs):
             assert candidates[0]["token_id"] == reference[0]["token"]
-            assert [c["score"] for c in candidates] == pytest.approx([r["score"] for r in reference], abs=1e-5)
+            assert [c["score"] for c in candidates] == pytest.approx(
+                [r["score"] for r in reference], abs=1e-5
+            )
 
 
 def test_fill_mask_returns_top_k_per_mask_without_continuation_prefix(lm):
@@ -108,7 +127,9 @@ def test_fill_mask_returns_top_k_per_mask_without_continuation_prefix(lm):
 
 
 def test_fill_mask_is_independent_of_batch_packing(tiny_model_dir, lm):
-    small = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_batch_tokens=1, max_batch_size=1))
+    small = MaskedLM.from_pretrained(
+        tiny_model_dir, config=InferenceConfig(max_batch_tokens=1, max_batch_size=1)
+    )
     for ours, theirs in zip(lm.fill_mask(FILL_MASK_TEXTS, 3), small.fill_mask(FILL_MASK_TEXTS, 3)):
         for a, b in zip(ours, theirs):
             assert [c["token_id"] for c in a] == [c["token_id"] for c in b]
@@ -164,8 +185,10 @@ def test_long_text_is_scored_in_windows_covering_every_token(tiny_model_dir, sam
     assert result["n_tokens"] == len(ids) - 2 and all(v < 0 for v in result["token_pll"])
     # The first and last tokens are read in the first and last windows (30 content tokens + [CLS]/[SEP]).
     tokenizer = windowed.tokenizer
-    for window, position, index in [(ids[:31] + [tokenizer.sep_token_id], 1, 0),
-                                    ([tokenizer.cls_token_id] + ids[-31:], 30, -1)]:
+    for window, position, index in [
+        (ids[:31] + [tokenizer.sep_token_id], 1, 0),
+        ([tokenizer.cls_token_id] + ids[-31:], 30, -1),
+    ]:
         masked = list(window)
         masked[position] = tokenizer.mask_token_id
         with torch.no_grad():
@@ -175,7 +198,9 @@ def test_long_text_is_scored_in_windows_covering_every_token(tiny_model_dir, sam
 
 
 def test_long_text_policy_error_names_the_text(tiny_model_dir, sample_texts):
-    strict = MaskedLM.from_pretrained(tiny_model_dir, config=InferenceConfig(max_length=32, long_text="error"))
+    strict = MaskedLM.from_pretrained(
+        tiny_model_dir, config=InferenceConfig(max_length=32, long_text="error")
+    )
     with pytest.raises(TextTooLongError, match="text 1 has .* tokens; the model takes at most 32"):
         strict.score(["短い。", "".join(sample_texts[:5])])
 
@@ -186,3 +211,12 @@ def test_fill_mask_on_a_long_text_reads_each_mask_in_its_own_window(tiny_model_d
     text = "[MASK]" + long_text + "[MASK]" + long_text + "[MASK]"
     results = windowed.fill_mask([text], top_k=2)[0]
     assert len(results) == 3 and all(len(candidates) == 2 for candidates in results)
+
+
+def test_bfloat16_weights_score_close_to_float32(tiny_model_dir, lm, short_texts):
+    half = MaskedLM.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    for a, b in zip(lm.score(short_texts[:3]), half.score(short_texts[:3])):
+        assert b["token_pll"] == pytest.approx(a["token_pll"], abs=0.2)
+    with pytest.raises(UserError, match="unknown dtype"):
+        MaskedLM.from_pretrained(tiny_model_dir, dtype="int3")
