@@ -399,6 +399,10 @@ def _add_serve(commands) -> None:
     sub.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)")
     sub.add_argument("--port", type=int, default=8000, help="HTTP port")
     sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="replica device")
+    sub.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (bfloat16: about 2x faster on GPUs and bf16-capable CPUs)",
+    )
     sub.add_argument("--max-replicas", type=int, default=1, help="autoscaling upper bound (replicas)")
     sub.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
     sub.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica")
@@ -418,7 +422,8 @@ def _run_serve(args: argparse.Namespace) -> None:
     if args.max_replicas < 1 or args.max_batch_size < 1 or not 0 < args.port < 65536:
         raise UserError("--max-replicas and --max-batch-size must be ≥ 1 and --port within 1..65535")
     serve_args = ServeArgs(
-        model_dir=args.model, device=args.device, max_replicas=args.max_replicas, num_cpus=args.replica_cpus,
+        model_dir=args.model, device=args.device, dtype=args.dtype, max_replicas=args.max_replicas,
+        num_cpus=args.replica_cpus,
         num_gpus=args.replica_gpus, num_threads=args.threads, max_batch_size=args.max_batch_size,
     )  # JBERT_API_TOKEN, when set, turns on bearer auth
     init_ray(args.num_cpus, show_progress=False)
