@@ -165,13 +165,21 @@ class CorpusDatasource(FileBasedDatasource):
                 record_id, text, reason = parse_line(line, fmt, self.text_field, self.id_field)
                 yield _row(record_id or f"{path}:{number}", text, reason, number)
         except (OSError, pa.ArrowException) as error:  # e.g. a truncated or corrupt .gz: keep what was read
+            if any(pattern in str(error) for pattern in self._data_context.retried_io_errors):
+                raise  # a transient storage error: Ray Data retries the read
             yield _row(f"{path}:{number + 1}", str(error), T.REJECT_UNREADABLE, number + 1)
+
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        # Parquet needs random access: open it as a file and stream its row groups, never read it whole.
+        if corpus_format(path) == "parquet" and self.resolve_compression(path, open_args) is None:
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
 
     def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple[str, str, str, int]]:
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(pa.BufferReader(f.readall()))
+            parquet = pq.ParquetFile(f if f.seekable() else pa.BufferReader(f.readall()))
         except (pa.ArrowInvalid, OSError):
             yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
             return
