@@ -33,9 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jbert_ray.masking import MaskingConfig, mask_tokens, pad_batch  # noqa: E402
-from jbert_ray.model import PRESETS, SparseMaskedLM, build_model  # noqa: E402
-from jbert_ray.train import PretrainConfig, make_optimizer, train_step  # noqa: E402
+from jbert_ray.masking import MaskingConfig, mask_tokens, pad_batch
+from jbert_ray.model import PRESETS, SparseMaskedLM, build_model
+from jbert_ray.train import PretrainConfig, make_optimizer, train_step
 
 SEQ_LEN = 128
 VOCAB_SIZE = 32768
@@ -43,7 +43,9 @@ SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
@@ -52,15 +54,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds, steps = (2, 3) if args.quick else (3, 6)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs (an idle machine reads ~0); preset {args.preset}, vocab {VOCAB_SIZE}, "
-          f"seq {SEQ_LEN}, batch {args.batch_size}, {rounds} rounds × {steps} steps")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (an idle machine reads ~0); preset {args.preset}, vocab {VOCAB_SIZE}, "
+        f"seq {SEQ_LEN}, batch {args.batch_size}, {rounds} rounds × {steps} steps"
+    )
     with tempfile.TemporaryDirectory(prefix="jbert_bench_train_") as tmp:
-        texts = [json.loads(line)["text"] for line in open(args.corpus, encoding="utf-8")]
+        with open(args.corpus, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
         tokenizer, hf_tokenizer = make_tokenizers(texts, Path(tmp))
         data = make_data(texts, tokenizer, hf_tokenizer)
-        print(f"data: {len(texts):,} texts → {len(data['packed'])} packed rows ({data['packed_fill']:.1%} full); "
-              f"{len(data['blocks'])} run_mlm blocks; {len(data['lines'])} lines (mean {data['line_mean']:.0f} tokens)")
+        print(
+            f"data: {len(texts):,} texts → {len(data['packed'])} packed rows ({data['packed_fill']:.1%} full); "
+            f"{len(data['blocks'])} run_mlm blocks; {len(data['lines'])} lines (mean {data['line_mean']:.0f} tokens)"
+        )
         systems = {
             "ours": OurStep(args.preset, tokenizer, data["packed"], args.batch_size),
             "run_mlm": RunMlmStep(args.preset, hf_tokenizer, data["blocks"], args.batch_size),
@@ -112,7 +119,9 @@ def make_data(texts, tokenizer, hf_tokenizer) -> dict:
         "packed": packed,
         "packed_fill": sum(len(r.ids) for r in packed) / (len(packed) * SEQ_LEN),
         "blocks": [{"input_ids": b} for b in blocks],
-        "lines": [{"input_ids": ids[: SEQ_LEN - 1] + ids[-1:] if len(ids) > SEQ_LEN else ids} for ids in lines],
+        "lines": [
+            {"input_ids": ids[: SEQ_LEN - 1] + ids[-1:] if len(ids) > SEQ_LEN else ids} for ids in lines
+        ],
         "line_mean": float(np.mean([min(len(ids), SEQ_LEN) for ids in lines])),
     }
 
@@ -138,11 +147,19 @@ class OurStep:
         ids = pad_batch([r.ids for r in rows], self.tokenizer.pad_token_id, SEQ_LEN, dtype=np.int64)
         starts = pad_batch([r.word_start for r in rows], False, SEQ_LEN, dtype=bool)
         masked, labels = mask_tokens(
-            ids, starts, vocab_size=self.tokenizer.vocab_size, special_ids=sorted(self.tokenizer.special_ids),
-            mask_id=self.tokenizer.mask_token_id, config=MaskingConfig(), rng=self.rng,
+            ids,
+            starts,
+            vocab_size=self.tokenizer.vocab_size,
+            special_ids=sorted(self.tokenizer.special_ids),
+            mask_id=self.tokenizer.mask_token_id,
+            config=MaskingConfig(),
+            rng=self.rng,
         )
-        batch = {"input_ids": torch.from_numpy(masked), "labels": torch.from_numpy(labels),
-                 "attention_mask": torch.from_numpy((ids != self.tokenizer.pad_token_id).astype(np.int64))}
+        batch = {
+            "input_ids": torch.from_numpy(masked),
+            "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy((ids != self.tokenizer.pad_token_id).astype(np.int64)),
+        }
         stats = train_step(self.module, self.optimizer, [batch], lr=1e-4, max_grad_norm=1.0)
         self.masked_tokens = int(stats["totals"][2])
         self.width = int(batch["attention_mask"].sum(1).max())
@@ -158,17 +175,28 @@ class RunMlmStep:
         config = PRESETS[preset]
         torch.manual_seed(0)
         bert_config = BertConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+            vocab_size=VOCAB_SIZE,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
         )
-        self.model = BertForMaskedLM(bert_config)  # run_mlm: AutoModelForMaskedLM.from_config, default attention
+        self.model = BertForMaskedLM(
+            bert_config
+        )  # run_mlm: AutoModelForMaskedLM.from_config, default attention
         self.attention = self.model.config._attn_implementation
         no_decay = ["bias", "LayerNorm.weight"]
         groups = [
-            {"params": [p for n, p in self.model.named_parameters() if not any(nd in n for nd in no_decay)],
-             "weight_decay": 0.01},
-            {"params": [p for n, p in self.model.named_parameters() if any(nd in n for nd in no_decay)],
-             "weight_decay": 0.0},
+            {
+                "params": [
+                    p for n, p in self.model.named_parameters() if not any(nd in n for nd in no_decay)
+                ],
+                "weight_decay": 0.01,
+            },
+            {
+                "params": [p for n, p in self.model.named_parameters() if any(nd in n for nd in no_decay)],
+                "weight_decay": 0.0,
+            },
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=1e-4)  # run_mlm_no_trainer's optimizer
         self.collator = DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.15)
@@ -216,11 +244,17 @@ def report(systems, times, tokens, gemm, args) -> None:
     print(f"\n{'system':<10}{'tokens/s':>12}{'step s (median)':>18}")
     for name in systems:
         print(f"{name:<10}{rate[name]:>12,.0f}{statistics.median(times[name]):>18.3f}")
-    print(f"(run_mlm/line attention: {systems['run_mlm'].attention}; ours: sdpa, sparse prediction, fused AdamW)")
-    print(f"\nours ÷ run_mlm (packed 128-token blocks):      {rate['ours'] / rate['run_mlm']:.2f}   target ≥ 1.5")
+    print(
+        f"(run_mlm/line attention: {systems['run_mlm'].attention}; ours: sdpa, sparse prediction, fused AdamW)"
+    )
+    print(
+        f"\nours ÷ run_mlm (packed 128-token blocks):      {rate['ours'] / rate['run_mlm']:.2f}   target ≥ 1.5"
+    )
     print(f"ours ÷ line-by-line padded batches:           {rate['ours'] / rate['line']:.2f}   (reported)")
-    print(f"ours FLOP/s ÷ fp32 GEMM FLOP/s:               {flops / gemm:.2f}   target ≥ 0.35"
-          f"   ({flops / 1e9:.1f} vs {gemm / 1e9:.1f} GFLOP/s)")
+    print(
+        f"ours FLOP/s ÷ fp32 GEMM FLOP/s:               {flops / gemm:.2f}   target ≥ 0.35"
+        f"   ({flops / 1e9:.1f} vs {gemm / 1e9:.1f} GFLOP/s)"
+    )
     if torch.cuda.is_available():
         print("CUDA is available: the BERT-base bf16 MFU measurement is not implemented in this script yet")
 

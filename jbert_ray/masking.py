@@ -20,7 +20,9 @@ IGNORE_INDEX = -100  # label of positions the loss skips (torch.nn.CrossEntropyL
 class MaskingConfig:
     mask_prob: float = 0.15  # fraction of words (tokens if not whole_word) selected for prediction (BERT)
     replace_with_mask: float = 0.8  # of selected: replaced by [MASK]
-    replace_with_random: float = 0.1  # of selected: replaced by a random non-special token; the rest unchanged
+    replace_with_random: float = (
+        0.1  # of selected: replaced by a random non-special token; the rest unchanged
+    )
     whole_word: bool = True  # select MeCab words and mask all their WordPieces together
 
     def __post_init__(self):
@@ -92,7 +94,9 @@ def mask_tokens(
     return masked, labels
 
 
-def pad_batch(sequences: Sequence[Sequence[int]] | np.ndarray, pad_value, length: int | None = None, dtype=None):
+def pad_batch(
+    sequences: Sequence[Sequence[int]] | np.ndarray, pad_value, length: int | None = None, dtype=None
+):
     """Right-pad variable-length rows (a 2-D array passes through) into an array (B, length)."""
     if isinstance(sequences, np.ndarray) and sequences.ndim == 2 and sequences.dtype != object:
         rows = sequences

@@ -73,7 +73,9 @@ def bert_config_dict(config: ModelConfig | dict, vocab_size: int, pad_token_id: 
     from transformers import BertConfig
 
     if isinstance(config, dict):  # an HF BertConfig JSON
-        return BertConfig.from_dict({**config, "vocab_size": vocab_size, "pad_token_id": pad_token_id}).to_dict()
+        return BertConfig.from_dict(
+            {**config, "vocab_size": vocab_size, "pad_token_id": pad_token_id}
+        ).to_dict()
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
@@ -116,7 +118,9 @@ class SparseMaskedLM(nn.Module):
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, labels):
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = self.mlm.bert(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, H)
         predict = labels != IGNORE_INDEX  # (B, T)
         targets = labels[predict]  # (M,)
         logits = self.mlm.cls(hidden[predict])  # (M, V): the vocab projection only at masked positions

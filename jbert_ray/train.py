@@ -25,8 +25,20 @@ import torch
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import SparseMaskedLM, bert_config_dict, build_model
 from jbert_ray.train_state import (
-    PROGRESS_FILE, STREAM_FILE, MetricsLog, ShardInfo, build_train_stream, build_valid_stream, inspect_shards,
-    load_train_state, plot_curves, read_json, save_train_state, stream_spec, vocab_sha256, write_json,
+    PROGRESS_FILE,
+    STREAM_FILE,
+    MetricsLog,
+    ShardInfo,
+    build_train_stream,
+    build_valid_stream,
+    inspect_shards,
+    load_train_state,
+    plot_curves,
+    read_json,
+    save_train_state,
+    stream_spec,
+    vocab_sha256,
+    write_json,
 )
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
@@ -39,7 +51,9 @@ RESUME_KEYS = ("model_config", "init_from", "global_batch_size", "seed", "whole_
 class PretrainConfig:
     data_dir: str  # shards directory (manifest.json, train/, valid/, tokenizer/)
     output_dir: str  # run dir: checkpoints/, model/, metrics.csv, tensorboard/, curves.png, results.json
-    model_config: str = "tiny"  # preset (tiny, small, base) or a JSON file (ModelConfig fields or HF BertConfig)
+    model_config: str = (
+        "tiny"  # preset (tiny, small, base) or a JSON file (ModelConfig fields or HF BertConfig)
+    )
     init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
@@ -85,20 +99,27 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
+    os.environ.setdefault(
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+    )  # report() costs ~1.2 s at the 2 s default
     run_dir = Path(cfg.output_dir).resolve()
     shards, bert_config = check_inputs(cfg)
-    cpus_per_worker = check_resources(cfg, ray.cluster_resources())
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
+    cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
     _check_run_dir(run_dir, cfg, bert_config)
     spec = stream_spec(cfg, shards, run_dir)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
-    if shards.valid_rows:
+    has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
+    if has_valid:
         datasets["valid"] = build_valid_stream(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "pretrain": cfg.to_dict(), "bert_config": bert_config, "run_dir": str(run_dir),
-            "tokenizer_dir": str(shards.tokenizer_dir), "has_valid": bool(shards.valid_rows),
+            "pretrain": cfg.to_dict(),
+            "bert_config": bert_config,
+            "run_dir": str(run_dir),
+            "tokenizer_dir": str(shards.tokenizer_dir),
+            "has_valid": has_valid,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -107,7 +128,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         ),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=str(run_dir),  # same name + storage_path on a re-run = resume from the latest checkpoint
+            storage_path=str(
+                run_dir
+            ),  # same name + storage_path on a re-run = resume from the latest checkpoint
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -124,9 +147,14 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
     from jbert_ray.model import resolve_model_config
 
     shards = inspect_shards(cfg.data_dir)
-    for name, value in (("max_steps", cfg.max_steps), ("num_workers", cfg.num_workers),
-                        ("micro_batch_size", cfg.micro_batch_size), ("log_every", cfg.log_every),
-                        ("eval_every", cfg.eval_every), ("checkpoint_every", cfg.checkpoint_every)):
+    for name, value in (
+        ("max_steps", cfg.max_steps),
+        ("num_workers", cfg.num_workers),
+        ("micro_batch_size", cfg.micro_batch_size),
+        ("log_every", cfg.log_every),
+        ("eval_every", cfg.eval_every),
+        ("checkpoint_every", cfg.checkpoint_every),
+    ):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     per_step = cfg.micro_batch_size * cfg.num_workers
@@ -136,7 +164,9 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
             f"= {cfg.micro_batch_size} × {cfg.num_workers}"
         )
     if shards.train_rows < cfg.global_batch_size:
-        raise UserError(f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch")
+        raise UserError(
+            f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch"
+        )
     if cfg.init_from:
         from jbert_ray.checkpoint import check_model_dir
 
@@ -159,22 +189,29 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
             f"{bert_config['max_position_embeddings']} positions"
         )
     if bert_config["vocab_size"] < shards.vocab_size:
-        raise UserError(f"model has {bert_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}")
+        raise UserError(
+            f"model has {bert_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}"
+        )
     return shards, bert_config
 
 
-def check_resources(cfg: PretrainConfig, cluster: dict) -> float:
-    """CPUs per worker (auto-sized when 0); raise if the cluster cannot hold the workers."""
+def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None = None) -> float:
+    """CPUs per worker (auto-sized when 0, at most one node's); raise if the cluster cannot hold the workers."""
     from jbert_ray.errors import UserError
 
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cfg.use_gpu and gpus < cfg.num_workers:
-        raise UserError(f"--use-gpu with {cfg.num_workers} workers needs {cfg.num_workers} GPUs; cluster has {gpus:g}")
+        raise UserError(
+            f"--use-gpu with {cfg.num_workers} workers needs {cfg.num_workers} GPUs; cluster has {gpus:g}"
+        )
     if cfg.num_workers > cpus:
         raise UserError(f"--num-workers {cfg.num_workers} exceeds the cluster's {cpus:g} CPUs")
     per_worker = cfg.cpus_per_worker
     if per_worker <= 0:  # leave one CPU (half on tiny clusters) for the read + masking stage
         per_worker = max(0.25, (cpus - min(1.0, cpus / 2)) / cfg.num_workers)
+        if cfg.use_gpu:  # a GPU worker needs a few CPUs to feed it; the rest go to the masking stage
+            per_worker = min(per_worker, 4.0)
+        per_worker = min(per_worker, node_cpus or per_worker)  # a worker must fit on one node
         per_worker = float(math.floor(per_worker)) if per_worker >= 1 else round(per_worker, 2)
     if per_worker * cfg.num_workers + cfg.data_cpus > cpus:
         raise UserError(
@@ -189,14 +226,24 @@ def _check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> Non
     from jbert_ray.output_dir import prepare_output_dir
 
     prepare_output_dir(run_dir, allow_existing=True)
-    identity = json.loads(json.dumps({  # JSON round trip: compare what the file holds (int keys become str)
-        "model_config": bert_config, "init_from": cfg.init_from, "global_batch_size": cfg.global_batch_size,
-        "seed": cfg.seed, "whole_word": cfg.masking.whole_word, "mask_prob": cfg.masking.mask_prob,
-    }))
+    identity = json.loads(
+        json.dumps(
+            {  # JSON round trip: compare what the file holds (int keys become str)
+                "model_config": bert_config,
+                "init_from": cfg.init_from,
+                "global_batch_size": cfg.global_batch_size,
+                "seed": cfg.seed,
+                "whole_word": cfg.masking.whole_word,
+                "mask_prob": cfg.masking.mask_prob,
+            }
+        )
+    )
     saved = read_json(run_dir / CONFIG_FILE)
     if saved is None:
         if any(p.name not in (CONFIG_FILE,) for p in run_dir.iterdir()):
-            raise UserError(f"output {run_dir} is not empty and holds no jbert pretraining run; use a new --out")
+            raise UserError(
+                f"output {run_dir} is not empty and holds no jbert pretraining run; use a new --out"
+            )
     else:
         changed = [k for k in RESUME_KEYS if saved.get("identity", {}).get(k) != identity[k]]
         if changed:
@@ -262,7 +309,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as checkpoint_dir:
         model = _initial_model(cfg, config, tokenizer, checkpoint_dir)
-        module = ray.train.torch.prepare_model(SparseMaskedLM(model))  # device + DDP (gloo on CPU, NCCL on GPU)
+        module = ray.train.torch.prepare_model(
+            SparseMaskedLM(model)
+        )  # device + DDP (gloo on CPU, NCCL on GPU)
         optimizer = make_optimizer(model, cfg)
         step = int(load_train_state(checkpoint_dir, optimizer)["step"]) if checkpoint_dir else 0
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
@@ -282,7 +331,9 @@ def train_loop_per_worker(config: dict) -> None:
         if not window.steps and step == start_step:
             window.reset()  # tokens_per_s leaves out the stream's start-up (and the skip after a resume)
         lr = lr_at_step(step, cfg)
-        window.add(train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast))
+        window.add(
+            train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast)
+        )
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             reporter(step, lr, window)
@@ -292,7 +343,9 @@ def train_loop_per_worker(config: dict) -> None:
         log.close()
 
 
-def train_step(module, optimizer, micro_batches, *, lr: float, max_grad_norm: float, autocast=nullcontext) -> dict:
+def train_step(
+    module, optimizer, micro_batches, *, lr: float, max_grad_norm: float, autocast=nullcontext
+) -> dict:
     """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs only on the last one)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -303,10 +356,14 @@ def train_step(module, optimizer, micro_batches, *, lr: float, max_grad_norm: fl
         sync = nullcontext() if is_last or not hasattr(module, "no_sync") else module.no_sync()
         with sync:
             with autocast():
-                loss, correct, predicted = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss, correct, predicted = module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"]
+                )
             (loss / len(micro_batches)).backward()
-        totals += torch.tensor([loss.item() * predicted.item(), correct.item(), predicted.item(), batch["tokens"]],
-                               dtype=torch.float64)
+        totals += torch.tensor(
+            [loss.item() * predicted.item(), correct.item(), predicted.item(), batch["tokens"]],
+            dtype=torch.float64,
+        )
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -357,16 +414,21 @@ def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int
     totals = torch.zeros(3, dtype=torch.float64)
     core = getattr(module, "module", module)  # eval without DDP: no gradient sync needed
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(batch_size=batch_size, device=device):
+        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
+            batch_size=batch_size, device=device
+        ):
             batch = trim_padding(batch)
             with autocast():
                 loss, correct, predicted = core(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            totals += torch.tensor([loss.item() * predicted.item(), correct.item(), predicted.item()],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [loss.item() * predicted.item(), correct.item(), predicted.item()], dtype=torch.float64
+            )
     module.train()
     totals = _all_reduce(totals, device)
-    return {"eval_loss": totals[0].item() / max(totals[2].item(), 1),
-            "eval_accuracy": totals[1].item() / max(totals[2].item(), 1)}
+    return {
+        "eval_loss": totals[0].item() / max(totals[2].item(), 1),
+        "eval_accuracy": totals[1].item() / max(totals[2].item(), 1),
+    }
 
 
 class _Window:
@@ -385,16 +447,32 @@ class _Window:
         self.grad_norm = stats["grad_norm"]
 
 
-def _report(cfg, config, module, model, tokenizer, optimizer, device, log, rank, step, lr, window,
-            force_checkpoint=False) -> None:
+def _report(
+    cfg,
+    config,
+    module,
+    model,
+    tokenizer,
+    optimizer,
+    device,
+    log,
+    rank,
+    step,
+    lr,
+    window,
+    force_checkpoint=False,
+) -> None:
     import ray.train
 
     totals = _all_reduce(window.totals.clone(), device)  # every rank takes part: same collectives everywhere
     elapsed = time.perf_counter() - window.started
     metrics = {
-        "step": step, "loss": totals[0].item() / max(totals[2].item(), 1),
-        "accuracy": totals[1].item() / max(totals[2].item(), 1), "lr": lr,
-        "tokens_per_s": totals[3].item() / max(elapsed, 1e-9), "grad_norm": window.grad_norm,
+        "step": step,
+        "loss": totals[0].item() / max(totals[2].item(), 1),
+        "accuracy": totals[1].item() / max(totals[2].item(), 1),
+        "lr": lr,
+        "tokens_per_s": totals[3].item() / max(elapsed, 1e-9),
+        "grad_norm": window.grad_norm,
     }
     is_last = step >= cfg.max_steps or force_checkpoint
     if config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
@@ -448,7 +526,9 @@ def _stream_start(run_dir: Path) -> int:
 
 
 def _worker_file(run_dir: Path, rank: int) -> Path:
-    path = run_dir / "workers" / f"rank_{rank}.json"  # pid and host of each rank: for operators (and the tests)
+    path = (
+        run_dir / "workers" / f"rank_{rank}.json"
+    )  # pid and host of each rank: for operators (and the tests)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

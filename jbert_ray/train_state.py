@@ -25,7 +25,14 @@ PROGRESS_FILE = "progress.json"  # run dir: step of the latest persisted checkpo
 STREAM_FILE = "stream.json"  # run dir: where the current input stream starts (written by the data stream)
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = (
-    "step", "loss", "accuracy", "lr", "tokens_per_s", "grad_norm", "eval_loss", "eval_accuracy",
+    "step",
+    "loss",
+    "accuracy",
+    "lr",
+    "tokens_per_s",
+    "grad_norm",
+    "eval_loss",
+    "eval_accuracy",
 )
 
 
@@ -64,8 +71,10 @@ def load_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer |
         for key, value in tensors.items():
             _, index, name = key.split(".", 2)
             param_state.setdefault(int(index), {})[name] = value
-        groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-                  for group in record["param_groups"]]
+        groups = [
+            {**group, "betas": tuple(group["betas"])} if "betas" in group else group
+            for group in record["param_groups"]
+        ]
         optimizer.load_state_dict({"state": param_state, "param_groups": groups})
     return record
 
@@ -115,7 +124,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [
-        {k: (int(float(v)) if k == "step" else float(v)) if v not in ("", None) else None for k, v in row.items()}
+        {
+            k: (int(float(v)) if k == "step" else float(v)) if v not in ("", None) else None
+            for k, v in row.items()
+        }
         for row in rows
     ]
 
@@ -214,10 +226,16 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
         raise UserError(f"{nonempty[0][0]} lacks columns {missing}: not a `jbert preprocess` shard")
     valid_rows = sum(pq.read_metadata(f).num_rows for f in valid_files)
     return ShardInfo(
-        root=root, manifest=manifest, tokenizer_dir=tokenizer_dir, tokenizer_sha256=sha,
-        vocab_size=len(_read_lines(tokenizer_dir / "vocab.txt")), max_seq_len=max_seq_len or 512,
-        train_files=[f for f, _ in nonempty], train_file_rows=[n for _, n in nonempty],
-        valid_files=[f for f in valid_files if pq.read_metadata(f).num_rows > 0], valid_rows=valid_rows,
+        root=root,
+        manifest=manifest,
+        tokenizer_dir=tokenizer_dir,
+        tokenizer_sha256=sha,
+        vocab_size=len(_read_lines(tokenizer_dir / "vocab.txt")),
+        max_seq_len=max_seq_len or 512,
+        train_files=[f for f, _ in nonempty],
+        train_file_rows=[n for _, n in nonempty],
+        valid_files=[f for f in valid_files if pq.read_metadata(f).num_rows > 0],
+        valid_rows=valid_rows,
     )
 
 
@@ -240,7 +258,7 @@ def plan_stream(
     the start of the file holding sequence `consumed`, so readers skip consumed - start rows to be exact.
     """
     per_epoch = sum(file_rows)
-    epoch, offset = divmod(consumed, per_epoch)
+    epoch = consumed // per_epoch
     order = epoch_order(len(file_rows), seed, epoch)
     first, start = 0, epoch * per_epoch
     while first < len(order) and start + file_rows[order[first]] <= consumed:
@@ -272,8 +290,11 @@ def build_train_stream(spec: dict):
     start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
     write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
     parts = [
-        ray.data.read_parquet([spec["files"][i] for i in order], columns=["input_ids", "word_start"])
-        .map_batches(mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"])
+        ray.data.read_parquet(
+            [spec["files"][i] for i in order], columns=["input_ids", "word_start"]
+        ).map_batches(
+            mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"]
+        )
         for epoch, order in epochs
     ]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -305,9 +326,13 @@ def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
         "data_cpus": cfg.data_cpus,
         "show_progress": cfg.show_progress,
         "mask_kwargs": {
-            "vocab_size": tokenizer.vocab_size, "special_ids": sorted(tokenizer.special_ids),
-            "mask_id": tokenizer.mask_token_id, "pad_id": tokenizer.pad_token_id,
-            "max_seq_len": shards.max_seq_len, "config": cfg.masking, "seed": cfg.seed,
+            "vocab_size": tokenizer.vocab_size,
+            "special_ids": sorted(tokenizer.special_ids),
+            "mask_id": tokenizer.mask_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "max_seq_len": shards.max_seq_len,
+            "config": cfg.masking,
+            "seed": cfg.seed,
         },
     }
 

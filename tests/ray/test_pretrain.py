@@ -21,8 +21,23 @@ pytestmark = pytest.mark.ray
 
 MAX_SEQ_LEN = 64
 FAST = [  # tiny model, global batch 16 = 2 workers × 8, report every 5 steps
-    "--model-config", "tiny", "--num-workers", "2", "--global-batch-size", "16", "--micro-batch-size", "8",
-    "--learning-rate", "2e-3", "--warmup-steps", "3", "--log-every", "5", "--eval-every", "1000", "--no-progress",
+    "--model-config",
+    "tiny",
+    "--num-workers",
+    "2",
+    "--global-batch-size",
+    "16",
+    "--micro-batch-size",
+    "8",
+    "--learning-rate",
+    "2e-3",
+    "--warmup-steps",
+    "3",
+    "--log-every",
+    "5",
+    "--eval-every",
+    "1000",
+    "--no-progress",
 ]
 
 
@@ -40,16 +55,23 @@ def write_shards(path, tokenizer_dir, texts, files=3):
         (path / split).mkdir(parents=True)
         for k in range(count):
             chunk = part[k::count]
-            table = pa.table({
-                "input_ids": pa.array([r[0] for r in chunk], pa.list_(pa.int32())),
-                "word_start": pa.array([r[1] for r in chunk], pa.list_(pa.bool_())),
-                "doc_id": [f"{split}-{k}-{i}" for i in range(len(chunk))],
-                "n_tokens": pa.array([len(r[0]) for r in chunk], pa.int32()),
-            })
+            table = pa.table(
+                {
+                    "input_ids": pa.array([r[0] for r in chunk], pa.list_(pa.int32())),
+                    "word_start": pa.array([r[1] for r in chunk], pa.list_(pa.bool_())),
+                    "doc_id": [f"{split}-{k}-{i}" for i in range(len(chunk))],
+                    "n_tokens": pa.array([len(r[0]) for r in chunk], pa.int32()),
+                }
+            )
             pq.write_table(table, path / split / f"part-{k:03d}.parquet")
     vocab_hash = hashlib.sha256((path / "tokenizer" / "vocab.txt").read_bytes()).hexdigest()
-    manifest = {"tokenizer_sha256": vocab_hash, "sequences": len(rows), "tokens": sum(len(r[0]) for r in rows),
-                "max_seq_len": MAX_SEQ_LEN, "config": {"max_seq_len": MAX_SEQ_LEN}}
+    manifest = {
+        "tokenizer_sha256": vocab_hash,
+        "sequences": len(rows),
+        "tokens": sum(len(r[0]) for r in rows),
+        "max_seq_len": MAX_SEQ_LEN,
+        "config": {"max_seq_len": MAX_SEQ_LEN},
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
@@ -62,8 +84,23 @@ def shards(tmp_path_factory, tokenizer_dir, sample_texts):
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["pretrain", "--data", str(shards), "--out", str(out), "--max-steps", "30",
-                 "--checkpoint-every", "10", *FAST]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(shards),
+                "--out",
+                str(out),
+                "--max-steps",
+                "30",
+                "--checkpoint-every",
+                "10",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -87,8 +124,23 @@ def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(first_run, out)  # leave the first run intact for the other tests
     before = read_metrics(out / "metrics.csv")
-    assert main(["pretrain", "--data", str(shards), "--out", str(out), "--max-steps", "40",
-                 "--checkpoint-every", "10", *FAST]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(shards),
+                "--out",
+                str(out),
+                "--max-steps",
+                "40",
+                "--checkpoint-every",
+                "10",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert rows[6]["loss"] < before[0]["loss"] - 1.0  # continues from the checkpoint, not from scratch
@@ -97,8 +149,20 @@ def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
 
 def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_cluster, shards, tmp_path):
     out = tmp_path / "killed"
-    argv = ["pretrain", "--data", str(shards), "--out", str(out), "--max-steps", "40", "--checkpoint-every", "10",
-            "--max-failures", "2", *FAST]
+    argv = [
+        "pretrain",
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        "40",
+        "--checkpoint-every",
+        "10",
+        "--max-failures",
+        "2",
+        *FAST,
+    ]
     status = {}
     runner = threading.Thread(target=lambda: status.setdefault("code", main(argv)))
     runner.start()
@@ -125,19 +189,35 @@ def test_shards_from_another_tokenizer_are_refused(shards, tmp_path, capsys):
     other = shutil.copytree(shards, tmp_path / "other")
     with open(other / "tokenizer" / "vocab.txt", "a", encoding="utf-8") as f:
         f.write("余分\n")
-    expect_user_error(capsys, ["pretrain", "--data", str(other), "--out", str(tmp_path / "o"), *FAST],
-                      "made with another tokenizer")
+    expect_user_error(
+        capsys,
+        ["pretrain", "--data", str(other), "--out", str(tmp_path / "o"), *FAST],
+        "made with another tokenizer",
+    )
 
 
 def test_empty_shards_are_refused(shards, tmp_path, capsys):
     empty = shutil.copytree(shards, tmp_path / "empty", ignore=shutil.ignore_patterns("*.parquet"))
-    expect_user_error(capsys, ["pretrain", "--data", str(empty), "--out", str(tmp_path / "o"), *FAST],
-                      "no training sequences")
+    expect_user_error(
+        capsys,
+        ["pretrain", "--data", str(empty), "--out", str(tmp_path / "o"), *FAST],
+        "no training sequences",
+    )
 
 
 def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, shards, tmp_path, capsys):
-    argv = ["pretrain", "--data", str(shards), "--out", str(tmp_path / "o"), *FAST, "--num-workers", "4",
-            "--micro-batch-size", "4"]
+    argv = [
+        "pretrain",
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+        "--num-workers",
+        "4",
+        "--micro-batch-size",
+        "4",
+    ]
     expect_user_error(capsys, argv, "exceeds the cluster's 2 CPUs")
     expect_user_error(capsys, [*argv[:-4], "--use-gpu"], "needs 2 GPUs")
 
@@ -147,5 +227,14 @@ def test_init_from_a_model_with_another_vocab_is_refused(shards, tiny_model_dir,
     vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
     vocab[10], vocab[11] = vocab[11], vocab[10]
     (model_dir / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
-    argv = ["pretrain", "--data", str(shards), "--out", str(tmp_path / "o"), "--init-from", str(model_dir), *FAST]
+    argv = [
+        "pretrain",
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path / "o"),
+        "--init-from",
+        str(model_dir),
+        *FAST,
+    ]
     expect_user_error(capsys, argv, "differs from the tokenizer the shards were made with")

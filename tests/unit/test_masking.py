@@ -28,7 +28,12 @@ def random_batch(rng, batch=256, seq=64):
 
 def draw(ids, starts, seed=0, **config):
     return mask_tokens(
-        ids, starts, vocab_size=VOCAB, special_ids=SPECIAL, mask_id=MASK, config=MaskingConfig(**config),
+        ids,
+        starts,
+        vocab_size=VOCAB,
+        special_ids=SPECIAL,
+        mask_id=MASK,
+        config=MaskingConfig(**config),
         rng=np.random.default_rng(seed),
     )
 
@@ -127,8 +132,14 @@ def test_mask_batch_pads_ragged_rows_and_redraws_per_epoch():
         "input_ids": np.array(rows, dtype=object),
         "word_start": np.array([np.array([1, 1, 0, 1], bool), np.array([1, 1, 1], bool)], dtype=object),
     }
-    kwargs = dict(vocab_size=VOCAB, special_ids=SPECIAL, mask_id=MASK, pad_id=PAD, max_seq_len=6,
-                  config=MaskingConfig(mask_prob=0.5))
+    kwargs = {
+        "vocab_size": VOCAB,
+        "special_ids": SPECIAL,
+        "mask_id": MASK,
+        "pad_id": PAD,
+        "max_seq_len": 6,
+        "config": MaskingConfig(mask_prob=0.5),
+    }
     out = mask_batch(batch, **kwargs, epoch=0)
     assert out["input_ids"].shape == (2, 6) and out["input_ids"].dtype == np.int32
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]

@@ -9,9 +9,9 @@ import torch
 from jbert_ray.errors import UserError
 from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
 from jbert_ray.model import PRESETS, ModelConfig, SparseMaskedLM, build_model, resolve_model_config
+from jbert_ray.tokenizer import JapaneseTokenizer
 from jbert_ray.train import PretrainConfig, lr_at_step, make_optimizer, train_step
 from jbert_ray.train_state import load_train_state, plan_stream, save_train_state
-from jbert_ray.tokenizer import JapaneseTokenizer
 
 VOCAB = 300
 
@@ -21,10 +21,20 @@ def batch():
     rng = np.random.default_rng(0)
     ids = rng.integers(5, VOCAB, size=(4, 16))
     ids[:, 0], ids[:, -1] = 2, 3
-    masked, labels = mask_tokens(ids, rng.random((4, 16)) < 0.7, vocab_size=VOCAB, special_ids=range(5),
-                                 mask_id=4, config=MaskingConfig(mask_prob=0.3), rng=rng)
-    return {"input_ids": torch.tensor(masked), "attention_mask": torch.ones(4, 16, dtype=torch.long),
-            "labels": torch.tensor(labels)}
+    masked, labels = mask_tokens(
+        ids,
+        rng.random((4, 16)) < 0.7,
+        vocab_size=VOCAB,
+        special_ids=range(5),
+        mask_id=4,
+        config=MaskingConfig(mask_prob=0.3),
+        rng=rng,
+    )
+    return {
+        "input_ids": torch.tensor(masked),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "labels": torch.tensor(labels),
+    }
 
 
 def tiny_model(seed=0):
