@@ -155,7 +155,8 @@ class FillMaskDeployment:
             asyncio.Lock()
         )  # one forward at a time per replica: MeCab and the CPU threads are shared
         self.stats = {
-            name: {"batches": 0, "texts": 0, "max_batch_size": 0} for name in ("fill_mask", "score")
+            name: {"batches": 0, "texts": 0, "max_batch_size": 0, "model_s": 0.0}
+            for name in ("fill_mask", "score")
         }
         self.started_at = time.time()
 
@@ -239,8 +240,13 @@ class FillMaskDeployment:
     async def _run(self, name: str, batch_size: int, method: Callable, *args):
         async with self._model_lock:
             # In a thread, so the replica keeps accepting requests (and filling the next batch) meanwhile.
+            start = time.perf_counter()
             results = await asyncio.to_thread(method, *args)
+            elapsed = time.perf_counter() - start
         stats = self.stats[name]
+        stats["model_s"] = round(
+            stats["model_s"] + elapsed, 3
+        )  # time in MaskedLM: utilisation = model_s / uptime
         stats["batches"] += 1
         stats["texts"] += batch_size
         stats["max_batch_size"] = max(stats["max_batch_size"], batch_size)
