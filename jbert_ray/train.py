@@ -349,7 +349,7 @@ def train_step(
     """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs only on the last one)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = torch.zeros(4, dtype=torch.float64)  # loss × predicted, correct, predicted, tokens
+    totals, tokens = [], 0  # per micro-batch: loss × predicted, correct, predicted (on the device: no sync)
     for i, batch in enumerate(micro_batches):
         batch = trim_padding(batch)
         is_last = i == len(micro_batches) - 1
@@ -360,14 +360,17 @@ def train_step(
                     batch["input_ids"], batch["attention_mask"], batch["labels"]
                 )
             (loss / len(micro_batches)).backward()
-        totals += torch.tensor(
-            [loss.item() * predicted.item(), correct.item(), predicted.item(), batch["tokens"]],
-            dtype=torch.float64,
-        )
+        tokens += batch["tokens"]
+        predicted = predicted.double()
+        totals.append(torch.stack([loss.detach().double() * predicted, correct.double(), predicted]))
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"totals": totals, "grad_norm": float(grad_norm)}
+    sums = torch.stack(totals).sum(0).cpu()  # the step's one device → host copy (with grad_norm's)
+    return {
+        "totals": torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]),
+        "grad_norm": float(grad_norm),
+    }
 
 
 def trim_padding(batch: dict) -> dict:
