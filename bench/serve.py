@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=0, help="Serve replicas (0 = CPUs / threads)")
     parser.add_argument(
         "--phases",
-        default="baseline,serve,score",
-        help="comma-separated subset of baseline,serve,serve-bf16,score (serve-bf16: Serve with bfloat16 weights)",
+        default="auto",
+        help="comma-separated subset of baseline,serve,serve-bf16,score; auto = all (serve-bf16: Serve with "
+        "bfloat16 weights, a separate row, only where the CPU has bf16 instructions)",
     )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         phases = set(args.phases.split(","))
+        if "auto" in phases:
+            phases = {"baseline", "serve", "score"} | ({"serve-bf16"} if has_fast_bf16() else set())
         if phases & {"baseline", "serve", "serve-bf16"}:
             replicas = args.replicas or max(1, (os.cpu_count() or 1) // args.threads)
             bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
@@ -218,7 +221,6 @@ def run_serve_load(
             min_replicas=replicas,
             max_replicas=replicas,
             max_batch_size=32,
-            batch_wait_timeout_s=0.005,
             max_ongoing_requests=64,
         )
         serve.run(
@@ -414,6 +416,15 @@ def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
+def has_fast_bf16() -> bool:
+    """CPU bf16 instructions (AVX512-BF16 or AMX) on Linux."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def free_port() -> int:

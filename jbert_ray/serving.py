@@ -39,7 +39,9 @@ class ServeArgs(BaseModel):
         "float32"  # bfloat16: ~2x on GPUs and bf16-capable CPUs
     )
     max_batch_size: int = Field(32, ge=1)  # texts per @serve.batch call (one forward pass, length-bucketed)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill up
+    # How long a batch waits to fill. On CPUs 30 ms measured best (2 CPUs, 32 clients: 8 texts a batch, 119 vs
+    # 82 req/s at 5 ms): bigger batches free the CPU the proxy also needs. Lower it when latency matters more.
+    batch_wait_timeout_s: float = Field(0.03, ge=0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(32, gt=0)  # per replica; keeps a full batch waiting while one runs
@@ -216,7 +218,7 @@ class FillMaskDeployment:
 
     # ---- batching: each caller passes one text; Serve hands us the texts of concurrent requests together ----
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # replaced from ServeArgs in __init__
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.03)  # replaced from ServeArgs in __init__
     async def _fill_mask_batch(self, items: list[tuple[str, int]]) -> list[tuple[list, int]]:
         top_k = max(k for _, k in items)
         results = await self._run("fill_mask", len(items), self.lm.fill_mask, [t for t, _ in items], top_k)
@@ -225,7 +227,7 @@ class FillMaskDeployment:
             for per_mask, (_, k) in zip(results, items)
         ]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.03)
     async def _score_batch(self, items: list[tuple[str, str]]) -> list[tuple[dict, int]]:
         results: list = [None] * len(items)
         for method in {m for _, m in items}:  # a batch may mix methods; each runs as one packed call
