@@ -80,11 +80,14 @@ def read_corpus(
     *,
     positions: bool = False,
     skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    read_tasks: int | None = None,
 ):
     """A Ray Dataset of every record of the corpus (columns record_id, text, reject).
 
     `positions` adds the columns path and line; `skip` maps a path to sorted, disjoint inclusive (first, last)
-    line ranges whose records are left out (already processed by an interrupted run).
+    line ranges whose records are left out (already processed by an interrupted run). `read_tasks` caps the
+    files read at once (default: no cap); each reading task holds its file's blocks, so a cap keeps memory
+    independent of the number of files.
     """
     import ray.data
 
@@ -93,7 +96,8 @@ def read_corpus(
         paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip
     )
     # Reading is light (decode + JSON); a small CPU share keeps it schedulable next to full actor pools.
-    return ray.data.read_datasource(source, num_cpus=0.1)
+    compute = ray.data.TaskPoolStrategy(size=read_tasks) if read_tasks else None
+    return ray.data.read_datasource(source, num_cpus=0.1, compute=compute)
 
 
 def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> tuple[str | None, str, str]:

@@ -39,6 +39,9 @@ from jbert_ray.tokenizer import JapaneseTokenizer
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 _REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
+# One reader parses JSON ~100× faster than an actor tokenizes; more concurrent reads only add memory
+# (measured on 2 CPUs, 4 files: peak 1.65 GB with a reader per file, 1.37 GB with one).
+_CPUS_PER_READER = 16
 # Settings that shape the shards: a resumed run must match them (the rest, e.g. num_actors, may change).
 _OUTPUT_SHAPING = (
     "input", "text_field", "id_field", "text", "max_seq_len", "pack_across_docs", "valid_fraction",
@@ -237,7 +240,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
     dataset = read_corpus(
         config.input, text_field=config.text_field, id_field=config.id_field,
-        positions=True, skip=done,
+        positions=True, skip=done, read_tasks=max(1, cluster_cpus() // _CPUS_PER_READER),
     ).map_batches(
         ShardWriter,
         fn_constructor_kwargs={
