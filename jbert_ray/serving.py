@@ -232,9 +232,8 @@ class FillMaskDeployment:
         results: list = [None] * len(items)
         for method in {m for _, m in items}:  # a batch may mix methods; each runs as one packed call
             indices = [i for i, (_, m) in enumerate(items) if m == method]
-            scores = await self._run(
-                "score", len(items), self.lm.score, [items[i][0] for i in indices], method
-            )
+            texts = [items[i][0] for i in indices]
+            scores = await self._run("score", len(texts), self.lm.score, texts, method)
             for i, result in zip(indices, scores):
                 results[i] = (result, len(items))
         return results
@@ -246,9 +245,7 @@ class FillMaskDeployment:
             results = await asyncio.to_thread(method, *args)
             elapsed = time.perf_counter() - start
         stats = self.stats[name]
-        stats["model_s"] = round(
-            stats["model_s"] + elapsed, 3
-        )  # time in MaskedLM: utilisation = model_s / uptime
+        stats["model_s"] = round(stats["model_s"] + elapsed, 3)  # utilisation = model_s / uptime_s
         stats["batches"] += 1
         stats["texts"] += batch_size
         stats["max_batch_size"] = max(stats["max_batch_size"], batch_size)
