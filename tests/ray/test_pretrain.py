@@ -1,7 +1,6 @@
 """`jbert pretrain` on a local 2-CPU Ray: tiny model, 2 workers — loss falls, the model dir loads in the fill-mask
 pipeline, a re-run resumes, a killed worker restarts from its checkpoint, bad input fails before training."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -9,13 +8,11 @@ import signal
 import threading
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jbert_ray.cli import main
-from jbert_ray.tokenizer import JapaneseTokenizer
 from jbert_ray.train_state import read_metrics
+from tests.conftest import SAMPLE_PATH
 
 pytestmark = pytest.mark.ray
 
@@ -41,44 +38,24 @@ FAST = [  # tiny model, global batch 16 = 2 workers × 8, report every 5 steps
 ]
 
 
-def write_shards(path, tokenizer_dir, texts, files=3):
-    """Shards in the `jbert preprocess` format, one text per row (truncated), without Ray."""
-    tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(path / "tokenizer")
-    rows = []
-    for encoding in tokenizer.encode_batch(texts):
-        ids, starts = encoding.ids[:MAX_SEQ_LEN], encoding.word_start[:MAX_SEQ_LEN]
-        ids[-1], starts[-1] = tokenizer.sep_token_id, True
-        rows.append((ids, starts))
-    cut = len(rows) * 9 // 10
-    for split, part, count in (("train", rows[:cut], files), ("valid", rows[cut:], 1)):
-        (path / split).mkdir(parents=True)
-        for k in range(count):
-            chunk = part[k::count]
-            table = pa.table(
-                {
-                    "input_ids": pa.array([r[0] for r in chunk], pa.list_(pa.int32())),
-                    "word_start": pa.array([r[1] for r in chunk], pa.list_(pa.bool_())),
-                    "doc_id": [f"{split}-{k}-{i}" for i in range(len(chunk))],
-                    "n_tokens": pa.array([len(r[0]) for r in chunk], pa.int32()),
-                }
-            )
-            pq.write_table(table, path / split / f"part-{k:03d}.parquet")
-    vocab_hash = hashlib.sha256((path / "tokenizer" / "vocab.txt").read_bytes()).hexdigest()
-    manifest = {
-        "tokenizer_sha256": vocab_hash,
-        "sequences": len(rows),
-        "tokens": sum(len(r[0]) for r in rows),
-        "max_seq_len": MAX_SEQ_LEN,
-        "config": {"max_seq_len": MAX_SEQ_LEN},
-    }
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return path
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer_dir, sample_texts):
-    return write_shards(tmp_path_factory.mktemp("shards"), tokenizer_dir, sample_texts[:2000])
+def shards(ray_cluster, tmp_path_factory, tokenizer_dir):
+    """`jbert preprocess` output for the first 2,000 sample documents (rows of ≤ 64 tokens, 10% valid)."""
+    from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+
+    root = tmp_path_factory.mktemp("shards")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(SAMPLE_PATH.read_text(encoding="utf-8").splitlines(keepends=True)[:2000]))
+    config = PreprocessConfig(
+        input=str(corpus),
+        tokenizer_dir=str(tokenizer_dir),
+        output_dir=str(root / "shards"),
+        max_seq_len=MAX_SEQ_LEN,
+        valid_fraction=0.1,
+        show_progress=False,
+    )
+    run_preprocess(config)
+    return root / "shards"
 
 
 @pytest.fixture(scope="module")
