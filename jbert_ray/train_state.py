@@ -264,15 +264,12 @@ def plan_stream(
     while first < len(order) and start + file_rows[order[first]] <= consumed:
         start += file_rows[order[first]]
         first += 1
-    plan = [(epoch, order[first:])] if first < len(order) else []
+    plan = [(epoch, order[first:])]  # never empty: consumed lies inside this epoch and files hold rows
     covered = (epoch + 1) * per_epoch
     while covered < needed:
         epoch += 1
         plan.append((epoch, epoch_order(len(file_rows), seed, epoch)))
         covered += per_epoch
-    if not plan:  # nothing left to train on: still one epoch so the stream is not empty
-        plan.append((epoch + 1, epoch_order(len(file_rows), seed, epoch + 1)))
-        start = (epoch + 1) * per_epoch
     return start, plan
 
 
@@ -281,6 +278,8 @@ def build_train_stream(spec: dict):
 
     Called by Ray Train at every worker-group start, so after a failure the stream restarts where the latest
     checkpoint left off (to the file; workers skip the rest of the way) instead of at the corpus start.
+    Reproducible: file order depends on (seed, epoch), masks on (seed, epoch, batch content); which rank gets
+    which block is Ray's dynamic split, so a re-run sees the same sequences and masks, not the same per-rank order.
     """
     import ray.data
 
