@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -23,28 +22,23 @@ from pathlib import Path
 import torch
 
 from jbert_ray.masking import MaskingConfig
-from jbert_ray.model import SparseMaskedLM, bert_config_dict, build_model
+from jbert_ray.model import SparseMaskedLM, build_model
+from jbert_ray.pretrain_checks import check_inputs, check_resources, check_run_dir
 from jbert_ray.train_state import (
     PROGRESS_FILE,
     STREAM_FILE,
     MetricsLog,
-    ShardInfo,
     build_train_stream,
     build_valid_stream,
-    inspect_shards,
     load_train_state,
     plot_curves,
     read_json,
     save_train_state,
     stream_spec,
-    vocab_sha256,
     write_json,
 )
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
-CONFIG_FILE = "jbert_config.json"
-# Must match across re-runs of one run dir; other fields (max_steps, eval cadence, ...) may change on resume.
-RESUME_KEYS = ("model_config", "init_from", "global_batch_size", "seed", "whole_word", "mask_prob")
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     shards, bert_config = check_inputs(cfg)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
-    _check_run_dir(run_dir, cfg, bert_config)
+    check_run_dir(run_dir, cfg, bert_config)
     spec = stream_spec(cfg, shards, run_dir)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
     has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
@@ -141,119 +135,6 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     return _finish(run_dir, result, time.perf_counter() - started)
 
 
-def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
-    """Validate shards, model config and --init-from before any worker starts; return shards + BertConfig dict."""
-    from jbert_ray.errors import UserError
-    from jbert_ray.model import resolve_model_config
-
-    shards = inspect_shards(cfg.data_dir)
-    for name, value in (
-        ("max_steps", cfg.max_steps),
-        ("num_workers", cfg.num_workers),
-        ("micro_batch_size", cfg.micro_batch_size),
-        ("log_every", cfg.log_every),
-        ("eval_every", cfg.eval_every),
-        ("checkpoint_every", cfg.checkpoint_every),
-    ):
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    per_step = cfg.micro_batch_size * cfg.num_workers
-    if cfg.global_batch_size % per_step:
-        raise UserError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro batch × workers "
-            f"= {cfg.micro_batch_size} × {cfg.num_workers}"
-        )
-    if shards.train_rows < cfg.global_batch_size:
-        raise UserError(
-            f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch"
-        )
-    if cfg.init_from:
-        from jbert_ray.checkpoint import check_model_dir
-
-        model_dir = check_model_dir(cfg.init_from)
-        if vocab_sha256(model_dir / "vocab.txt") != shards.tokenizer_sha256:
-            raise UserError(
-                f"--init-from {cfg.init_from}: its vocab.txt differs from the tokenizer the shards were made with; "
-                "preprocess the corpus with that model's tokenizer (jbert preprocess --tokenizer MODEL_DIR)"
-            )
-        bert_config = _read_bert_config(model_dir)
-    else:
-        from jbert_ray.tokenizer import JapaneseTokenizer
-
-        tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
-        model_config = resolve_model_config(cfg.model_config)
-        bert_config = bert_config_dict(model_config, tokenizer.vocab_size, tokenizer.pad_token_id)
-    if bert_config["max_position_embeddings"] < shards.max_seq_len:
-        raise UserError(
-            f"shards hold sequences of up to {shards.max_seq_len} tokens but the model has only "
-            f"{bert_config['max_position_embeddings']} positions"
-        )
-    if bert_config["vocab_size"] < shards.vocab_size:
-        raise UserError(
-            f"model has {bert_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}"
-        )
-    return shards, bert_config
-
-
-def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None = None) -> float:
-    """CPUs per worker (auto-sized when 0, at most one node's); raise if the cluster cannot hold the workers."""
-    from jbert_ray.errors import UserError
-
-    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if cfg.use_gpu and gpus < cfg.num_workers:
-        raise UserError(
-            f"--use-gpu with {cfg.num_workers} workers needs {cfg.num_workers} GPUs; cluster has {gpus:g}"
-        )
-    if cfg.num_workers > cpus:
-        raise UserError(f"--num-workers {cfg.num_workers} exceeds the cluster's {cpus:g} CPUs")
-    per_worker = cfg.cpus_per_worker
-    if per_worker <= 0:  # leave one CPU (half on tiny clusters) for the read + masking stage
-        per_worker = max(0.25, (cpus - min(1.0, cpus / 2)) / cfg.num_workers)
-        if cfg.use_gpu:  # a GPU worker needs a few CPUs to feed it; the rest go to the masking stage
-            per_worker = min(per_worker, 4.0)
-        per_worker = min(per_worker, node_cpus or per_worker)  # a worker must fit on one node
-        per_worker = float(math.floor(per_worker)) if per_worker >= 1 else round(per_worker, 2)
-    if per_worker * cfg.num_workers + cfg.data_cpus > cpus:
-        raise UserError(
-            f"{cfg.num_workers} workers × {per_worker:g} CPUs + {cfg.data_cpus:g} for the data stage exceed the "
-            f"cluster's {cpus:g} CPUs"
-        )
-    return per_worker
-
-
-def _check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> None:
-    from jbert_ray.errors import UserError
-    from jbert_ray.output_dir import prepare_output_dir
-
-    prepare_output_dir(run_dir, allow_existing=True)
-    identity = json.loads(
-        json.dumps(
-            {  # JSON round trip: compare what the file holds (int keys become str)
-                "model_config": bert_config,
-                "init_from": cfg.init_from,
-                "global_batch_size": cfg.global_batch_size,
-                "seed": cfg.seed,
-                "whole_word": cfg.masking.whole_word,
-                "mask_prob": cfg.masking.mask_prob,
-            }
-        )
-    )
-    saved = read_json(run_dir / CONFIG_FILE)
-    if saved is None:
-        if any(p.name not in (CONFIG_FILE,) for p in run_dir.iterdir()):
-            raise UserError(
-                f"output {run_dir} is not empty and holds no jbert pretraining run; use a new --out"
-            )
-    else:
-        changed = [k for k in RESUME_KEYS if saved.get("identity", {}).get(k) != identity[k]]
-        if changed:
-            raise UserError(
-                f"{run_dir} holds a run with different {', '.join(changed)}; resume it with the same settings "
-                "or use a new --out"
-            )
-    write_json(run_dir / CONFIG_FILE, {"identity": identity, "config": cfg.to_dict()})
-
-
 def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
     from jbert_ray.train_state import read_metrics
 
@@ -280,12 +161,6 @@ def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
     }
     write_json(run_dir / "results.json", summary)
     return summary
-
-
-def _read_bert_config(model_dir: Path) -> dict:
-    from transformers import BertConfig
-
-    return BertConfig.from_pretrained(model_dir).to_dict()
 
 
 # ---------------------------------------------------------------- worker
