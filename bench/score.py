@@ -2,7 +2,7 @@
 loop calling `MaskedLM.score` directly (one torch thread, like one actor), all in this one run.
 
     python bench/score.py            # ja_valid.jsonl.gz (1,550 records), a 2-layer 128-wide BERT
-    python bench/score.py --quick    # 200 records
+    python bench/score.py --quick    # 400 records
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "jbert_ray" / "sample" / "ja_samp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-dir", type=Path, default=CORPUS)
-    parser.add_argument("--quick", action="store_true", help="200 records instead of all 1,550")
+    parser.add_argument("--quick", action="store_true", help="400 records instead of all 1,550")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     records = [json.loads(line) for line in gzip.open(args.corpus_dir / "ja_valid.jsonl.gz", "rt")]
-    records = records[:200] if args.quick else records
+    records = records[:400] if args.quick else records
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         corpus = work / "valid.jsonl"

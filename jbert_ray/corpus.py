@@ -22,7 +22,7 @@ from jbert_ray.errors import UserError
 
 _COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-_ROWS_PER_BLOCK = 4096
+ROWS_PER_BLOCK = 4096  # default; costly stages (scoring) ask for smaller blocks so every actor gets work
 _REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 _READ_CHUNK_BYTES = 1 << 20
 _MAX_LINE_BYTES = 64 << 20  # a longer line is rejected while it streams past, never held in memory
@@ -81,19 +81,22 @@ def read_corpus(
     positions: bool = False,
     skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     read_tasks: int | None = None,
+    rows_per_block: int = ROWS_PER_BLOCK,
 ):
     """A Ray Dataset of every record of the corpus (columns record_id, text, reject).
 
     `positions` adds the columns path and line; `skip` maps a path to sorted, disjoint inclusive (first, last)
     line ranges whose records are left out (already processed by an interrupted run). `read_tasks` caps the
     files read at once (default: no cap); each reading task holds its file's blocks, so a cap keeps memory
-    independent of the number of files.
+    independent of the number of files. A block goes to one actor whole, so `rows_per_block` sets how finely
+    work spreads over an actor pool.
     """
     import ray.data
 
     paths, filesystem = resolve_paths(corpus)
     source = CorpusDatasource(
-        paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip
+        paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip,
+        rows_per_block=rows_per_block,
     )
     # Reading is light (decode + JSON); a small CPU share keeps it schedulable next to full actor pools.
     compute = ray.data.TaskPoolStrategy(size=read_tasks) if read_tasks else None
@@ -132,6 +135,7 @@ class CorpusDatasource(FileBasedDatasource):
         id_field: str | None = None,
         positions: bool = False,
         skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+        rows_per_block: int = ROWS_PER_BLOCK,
         **kwargs,
     ):
         super().__init__(paths, **kwargs)
@@ -139,6 +143,7 @@ class CorpusDatasource(FileBasedDatasource):
         self.id_field = id_field
         self.positions = positions
         self.skip = {path: [tuple(r) for r in ranges] for path, ranges in (skip or {}).items()}
+        self.rows_per_block = max(1, rows_per_block)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = corpus_format(path)
@@ -149,7 +154,7 @@ class CorpusDatasource(FileBasedDatasource):
             if skipped(row[3]):
                 continue
             block.append(row)
-            if len(block) == _ROWS_PER_BLOCK:
+            if len(block) == self.rows_per_block:
                 yield _to_table(block, path if self.positions else None)
                 block = []
         if block:

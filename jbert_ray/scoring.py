@@ -120,7 +120,9 @@ def run_scoring(config: ScoreConfig) -> dict:
     parts_dir = output_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
     done_ids = _written_ids(parts_dir) if config.resume else frozenset()
-    dataset = read_corpus(config.input, text_field=config.text_field, id_field=config.id_column).map_batches(
+    # Blocks of one actor batch: a block goes to one actor whole, and a scored row costs milliseconds.
+    dataset = read_corpus(config.input, text_field=config.text_field, id_field=config.id_column,
+                          rows_per_block=config.batch_size).map_batches(
         CorpusScorer,
         fn_constructor_kwargs={"model_dir": config.model_dir, "config": asdict(config), "done_ids": done_ids},
         batch_size=config.batch_size,
@@ -168,7 +170,9 @@ def _scorer_pool(config: ScoreConfig):
         size = max(1, int(ray.cluster_resources().get("GPU", 0) / config.gpus_per_actor))
     if config.gpus_per_actor and ray.cluster_resources().get("GPU", 0) < config.gpus_per_actor:
         raise UserError(f"--gpus-per-actor {config.gpus_per_actor} but the cluster has no such GPUs")
-    return ray.data.ActorPoolStrategy(size=size or cluster_cpus())
+    # One block in flight per actor: a block of long texts takes seconds, and blocks queued behind a busy actor
+    # would leave the others idle at the end of the corpus.
+    return ray.data.ActorPoolStrategy(size=size or cluster_cpus(), max_tasks_in_flight_per_actor=1)
 
 
 def _written_ids(parts_dir: Path) -> frozenset[str]:
