@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +115,8 @@ def run_scoring(config: ScoreConfig) -> dict:
     from jbert_ray.checkpoint import check_model_dir
 
     resolve_paths(config.input)
-    check_model_dir(config.model_dir)
+    # Actors may run in other directories (or on other nodes): hand them an absolute model path.
+    config = replace(config, model_dir=str(check_model_dir(config.model_dir).resolve()))
     output_dir = prepare_output_dir(config.output_dir, overwrite=config.overwrite, allow_existing=config.resume)
     parts_dir = output_dir / "parts"
     parts_dir.mkdir(exist_ok=True)

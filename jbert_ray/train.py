@@ -96,7 +96,14 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
     )  # report() costs ~1.2 s at the 2 s default
-    run_dir = Path(cfg.output_dir).resolve()
+    # Workers run in their own directories: every path they receive must be absolute.
+    cfg = dataclasses.replace(
+        cfg,
+        data_dir=str(Path(cfg.data_dir).resolve()),
+        output_dir=str(Path(cfg.output_dir).resolve()),
+        init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+    )
+    run_dir = Path(cfg.output_dir)
     shards, bert_config = check_inputs(cfg)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)

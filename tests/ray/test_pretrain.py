@@ -97,6 +97,13 @@ def test_loss_falls_and_the_run_dir_holds_metrics_curves_and_a_fill_mask_model(f
     assert len(predictions) == 5
 
 
+def test_relative_paths_work_although_workers_run_elsewhere(ray_cluster, shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(shards, tmp_path / "shards")
+    assert main(["pretrain", "--data", "shards", "--out", "run", "--max-steps", "5", *FAST]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
 def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(first_run, out)  # leave the first run intact for the other tests
