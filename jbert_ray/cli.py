@@ -122,7 +122,7 @@ def _run_vocab(args: argparse.Namespace) -> None:
     resolve_paths(config.input)  # a missing corpus fails here, before Ray spends seconds starting
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     summary = run_vocab(config)
-    rejected = ", ".join(f"{k}={v:,}" for k, v in sorted(summary["rejects_by_reason"].items())) or "none"
+    rejected = _by_reason(summary["rejects_by_reason"])
     print(
         f"vocab: read {summary['records_read']:,} records, kept {summary['records_kept']:,}, "
         f"rejected {summary['records_rejected']:,} ({rejected}); {summary['words']:,} words "
@@ -193,7 +193,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
     preflight(config)  # settings, tokenizer, corpus and output checks fail before Ray starts
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     m = run_preprocess(config)
-    rejected = ", ".join(f"{k}={v:,}" for k, v in sorted(m["rejects_by_reason"].items())) or "none"
+    rejected = _by_reason(m["rejects_by_reason"])
     splits = "; ".join(f"{name}: {s['sequences']:,} rows, {s['tokens']:,} tokens" for name, s in m["splits"].items())
     print(
         f"preprocess: read {m['records_read']:,} records, kept {m['records_kept']:,}, rejected "
@@ -288,6 +288,11 @@ def _run_tokenize(args: argparse.Namespace) -> None:
             print(f"{text}\n  words:  {' | '.join(words)}\n  ids:    {encoding.ids}")
 
 
+def _by_reason(counts: dict[str, int]) -> str:
+    """`empty=3, invalid_json=1` (or `none`) for summary lines."""
+    return ", ".join(f"{reason}={count:,}" for reason, count in sorted(counts.items())) or "none"
+
+
 def _group_words(tokens: list[str], word_start: list[bool]) -> list[str]:
     words: list[str] = []
     for token, start in zip(tokens, word_start):
@@ -353,7 +358,7 @@ def _run_score(args: argparse.Namespace) -> None:
     check_model_dir(config.model_dir)
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     summary = run_scoring(config)
-    errors = ", ".join(f"{k}={v:,}" for k, v in sorted(summary["errors_by_reason"].items())) or "none"
+    errors = _by_reason(summary["errors_by_reason"])
     print(
         f"score: {summary['rows_in']:,} rows in, {summary['rows_scored']:,} scored, "
         f"{summary['rows_with_error']:,} with errors ({errors}); {summary['rows_this_run']:,} this run at "
