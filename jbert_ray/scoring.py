@@ -82,7 +82,7 @@ class CorpusScorer:
                    for _, text, reason in rows]
         scores = self._score([text for text, reason in cleaned if not reason])
         columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-        for (record_id, text, _), (clean, reason) in zip(rows, cleaned):
+        for (record_id, text, _), (_, reason) in zip(rows, cleaned):
             score = None if reason else scores.pop(0)
             if isinstance(score, str):
                 score, reason = None, score
