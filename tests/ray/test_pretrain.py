@@ -38,6 +38,11 @@ FAST = [  # tiny model, global batch 16 = 2 workers × 8, report every 5 steps
 ]
 
 
+def pretrain_argv(data, out, *extra: str) -> list[str]:
+    """`jbert pretrain` arguments: the FAST settings, then `extra` (later flags win)."""
+    return ["pretrain", "--data", str(data), "--out", str(out), *FAST, *extra]
+
+
 @pytest.fixture(scope="module")
 def shards(ray_cluster, tmp_path_factory, tokenizer_dir):
     """`jbert preprocess` output for the first 2,000 sample documents (rows of ≤ 64 tokens, 10% valid)."""
@@ -61,23 +66,7 @@ def shards(ray_cluster, tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--data",
-                str(shards),
-                "--out",
-                str(out),
-                "--max-steps",
-                "30",
-                "--checkpoint-every",
-                "10",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(pretrain_argv(shards, out, "--max-steps", "30", "--checkpoint-every", "10")) == 0
     return out
 
 
@@ -100,7 +89,7 @@ def test_loss_falls_and_the_run_dir_holds_metrics_curves_and_a_fill_mask_model(f
 def test_relative_paths_work_although_workers_run_elsewhere(ray_cluster, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(shards, tmp_path / "shards")
-    assert main(["pretrain", "--data", "shards", "--out", "run", "--max-steps", "5", *FAST]) == 0
+    assert main(pretrain_argv("shards", "run", "--max-steps", "5")) == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
@@ -108,23 +97,7 @@ def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(first_run, out)  # leave the first run intact for the other tests
     before = read_metrics(out / "metrics.csv")
-    assert (
-        main(
-            [
-                "pretrain",
-                "--data",
-                str(shards),
-                "--out",
-                str(out),
-                "--max-steps",
-                "40",
-                "--checkpoint-every",
-                "10",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(pretrain_argv(shards, out, "--max-steps", "40", "--checkpoint-every", "10")) == 0
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert rows[6]["loss"] < before[0]["loss"] - 1.0  # continues from the checkpoint, not from scratch
@@ -133,20 +106,7 @@ def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
 
 def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_cluster, shards, tmp_path):
     out = tmp_path / "killed"
-    argv = [
-        "pretrain",
-        "--data",
-        str(shards),
-        "--out",
-        str(out),
-        "--max-steps",
-        "40",
-        "--checkpoint-every",
-        "10",
-        "--max-failures",
-        "2",
-        *FAST,
-    ]
+    argv = pretrain_argv(shards, out, "--max-steps", "40", "--checkpoint-every", "10", "--max-failures", "2")
     status = {}
     runner = threading.Thread(target=lambda: status.setdefault("code", main(argv)))
     runner.start()
@@ -175,7 +135,7 @@ def test_shards_from_another_tokenizer_are_refused(shards, tmp_path, capsys):
         f.write("余分\n")
     expect_user_error(
         capsys,
-        ["pretrain", "--data", str(other), "--out", str(tmp_path / "o"), *FAST],
+        pretrain_argv(other, tmp_path / "o"),
         "made with another tokenizer",
     )
 
@@ -184,24 +144,13 @@ def test_empty_shards_are_refused(shards, tmp_path, capsys):
     empty = shutil.copytree(shards, tmp_path / "empty", ignore=shutil.ignore_patterns("*.parquet"))
     expect_user_error(
         capsys,
-        ["pretrain", "--data", str(empty), "--out", str(tmp_path / "o"), *FAST],
+        pretrain_argv(empty, tmp_path / "o"),
         "no training sequences",
     )
 
 
 def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, shards, tmp_path, capsys):
-    argv = [
-        "pretrain",
-        "--data",
-        str(shards),
-        "--out",
-        str(tmp_path / "o"),
-        *FAST,
-        "--num-workers",
-        "4",
-        "--micro-batch-size",
-        "4",
-    ]
+    argv = pretrain_argv(shards, tmp_path / "o", "--num-workers", "4", "--micro-batch-size", "4")
     expect_user_error(capsys, argv, "exceeds the cluster's 2 CPUs")
     expect_user_error(capsys, [*argv[:-4], "--use-gpu"], "needs 2 GPUs")
 
@@ -211,14 +160,5 @@ def test_init_from_a_model_with_another_vocab_is_refused(shards, tiny_model_dir,
     vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
     vocab[10], vocab[11] = vocab[11], vocab[10]
     (model_dir / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
-    argv = [
-        "pretrain",
-        "--data",
-        str(shards),
-        "--out",
-        str(tmp_path / "o"),
-        "--init-from",
-        str(model_dir),
-        *FAST,
-    ]
+    argv = pretrain_argv(shards, tmp_path / "o", "--init-from", str(model_dir))
     expect_user_error(capsys, argv, "differs from the tokenizer the shards were made with")
