@@ -23,7 +23,7 @@ from jbert_ray.errors import UserError
 _COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 ROWS_PER_BLOCK = 4096  # default; costly stages (scoring) ask for smaller blocks so every actor gets work
-_REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
+REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 _READ_CHUNK_BYTES = 1 << 20
 _MAX_LINE_BYTES = 64 << 20  # a longer line is rejected while it streams past, never held in memory
 _SNIFF_BYTES = 8192  # a file whose head is mostly undecodable or control bytes is binary, not a corpus
@@ -165,7 +165,7 @@ class CorpusDatasource(FileBasedDatasource):
         try:
             head = f.read(_SNIFF_BYTES)
             if _looks_binary(head):
-                yield _row(f"{path}:1", head[:_REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1)
+                yield _row(f"{path}:1", head[:REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1)
                 return
             for number, (line, whole) in enumerate(_iter_lines(f, head), start=1):
                 if not whole:
@@ -223,7 +223,7 @@ class _LineSkipper:
 
 
 def _row(record_id: str, text: str, reason: str, line: int) -> tuple[str, str, str, int]:
-    return record_id, text[:_REJECT_PREVIEW_CHARS] if reason else text, reason, line
+    return record_id, text[:REJECT_PREVIEW_CHARS] if reason else text, reason, line
 
 
 def _looks_binary(head: bytes) -> bool:
@@ -254,7 +254,7 @@ def _iter_lines(f: pa.NativeFile, head: bytes = b"") -> Iterator[tuple[bytes, bo
         if skipping:
             rest = b""
         elif len(rest) > _MAX_LINE_BYTES:
-            yield rest[:_REJECT_PREVIEW_CHARS], False
+            yield rest[:REJECT_PREVIEW_CHARS], False
             rest, skipping = b"", True
         chunk = f.read(_READ_CHUNK_BYTES)
     if rest and not skipping:

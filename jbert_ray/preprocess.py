@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from jbert_ray.corpus import read_corpus, resolve_paths
+from jbert_ray.corpus import REJECT_PREVIEW_CHARS, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split
 from jbert_ray.progress import Progress
@@ -38,7 +38,6 @@ from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-_REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 # One reader parses JSON ~100× faster than an actor tokenizes; more concurrent reads only add memory
 # (measured on 2 CPUs, 4 files: peak 1.65 GB with a reader per file, 1.37 GB with one).
 _CPUS_PER_READER = 16
@@ -139,7 +138,7 @@ def pack_records(
             if not reason and not any(e.ids for e in encodings):
                 reason = REJECT_EMPTY
         if reason:
-            record = {"record_id": document, "reason": reason, "record": raw[:_REJECT_PREVIEW_CHARS]}
+            record = {"record_id": document, "reason": reason, "record": raw[:REJECT_PREVIEW_CHARS]}
             rejects.append(json.dumps(record, ensure_ascii=False))
             counts["rejects_by_reason"][reason] = counts["rejects_by_reason"].get(reason, 0) + 1
             continue

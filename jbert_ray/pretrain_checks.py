@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from jbert_ray.errors import UserError
 from jbert_ray.model import bert_config_dict
-from jbert_ray.train_state import ShardInfo, inspect_shards, read_json, vocab_sha256, write_json
+from jbert_ray.shards import file_sha256
+from jbert_ray.train_state import ShardInfo, inspect_shards, read_json, write_json
 
 if TYPE_CHECKING:
     from jbert_ray.train import PretrainConfig
@@ -49,7 +50,7 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
         from jbert_ray.checkpoint import check_model_dir
 
         model_dir = check_model_dir(cfg.init_from)
-        if vocab_sha256(model_dir / "vocab.txt") != shards.tokenizer_sha256:
+        if file_sha256(model_dir / "vocab.txt") != shards.tokenizer_sha256:
             raise UserError(
                 f"--init-from {cfg.init_from}: its vocab.txt differs from the tokenizer the shards were made with; "
                 "preprocess the corpus with that model's tokenizer (jbert preprocess --tokenizer MODEL_DIR)"

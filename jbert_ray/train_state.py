@@ -6,7 +6,6 @@ metrics (metrics.csv, TensorBoard, a loss/accuracy PNG), and the data position: 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 
 from jbert_ray.errors import UserError
 from jbert_ray.masking import mask_batch
+from jbert_ray.shards import file_sha256
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
@@ -207,7 +207,7 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
     tokenizer_dir = root / "tokenizer"
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise UserError(f"{root} has no tokenizer/vocab.txt: rerun `jbert preprocess`")
-    sha = vocab_sha256(tokenizer_dir / "vocab.txt")
+    sha = file_sha256(tokenizer_dir / "vocab.txt")  # the manifest names the tokenizer by its vocab's hash
     if manifest.get("tokenizer_sha256") != sha:
         raise UserError(
             f"{root}: manifest tokenizer_sha256 {str(manifest.get('tokenizer_sha256'))[:12]}… does not match "
@@ -237,11 +237,6 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
         valid_files=[f for f in valid_files if pq.read_metadata(f).num_rows > 0],
         valid_rows=valid_rows,
     )
-
-
-def vocab_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex of a vocab.txt's bytes: the shards' manifest names their tokenizer by it."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def epoch_order(num_files: int, seed: int, epoch: int) -> list[int]:
