@@ -22,7 +22,9 @@ from jbert_ray.errors import UserError
 
 _COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-ROWS_PER_BLOCK = 4096  # default; costly stages (scoring) ask for smaller blocks so every actor gets work
+_ROWS_PER_TABLE = 4096  # records per table a read yields (Ray then merges them into blocks)
+_MAX_BLOCKS = 100_000  # a cap on requested blocks: past it, per-block overhead outweighs finer balance
+_CODECS = {"gz": "gzip", "bz2": "bz2", "zst": "zstd", "lz4": "lz4"}
 REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 _READ_CHUNK_BYTES = 1 << 20
 _MAX_LINE_BYTES = 64 << 20  # a longer line is rejected while it streams past, never held in memory
@@ -81,26 +83,50 @@ def read_corpus(
     positions: bool = False,
     skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     read_tasks: int | None = None,
-    rows_per_block: int = ROWS_PER_BLOCK,
+    rows_per_block: int | None = None,
 ):
     """A Ray Dataset of every record of the corpus (columns record_id, text, reject).
 
     `positions` adds the columns path and line; `skip` maps a path to sorted, disjoint inclusive (first, last)
     line ranges whose records are left out (already processed by an interrupted run). `read_tasks` caps the
     files read at once (default: no cap); each reading task holds its file's blocks, so a cap keeps memory
-    independent of the number of files. A block goes to one actor whole, so `rows_per_block` sets how finely
-    work spreads over an actor pool.
+    independent of the number of files. A block goes to one actor whole, so `rows_per_block` (roughly: the
+    row count is estimated) sets how finely costly work spreads over an actor pool; default: Ray's blocks.
     """
     import ray.data
 
     paths, filesystem = resolve_paths(corpus)
     source = CorpusDatasource(
         paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip,
-        rows_per_block=rows_per_block,
     )
+    # A read task merges its output into blocks of up to 128 MiB (a small corpus becomes one block, which one
+    # actor would then score alone); asking for a number of blocks makes Ray cut them evenly.
+    blocks = None
+    if rows_per_block:
+        blocks = min(_MAX_BLOCKS, max(1, -(-estimate_rows(paths, filesystem) // rows_per_block)))
     # Reading is light (decode + JSON); a small CPU share keeps it schedulable next to full actor pools.
     compute = ray.data.TaskPoolStrategy(size=read_tasks) if read_tasks else None
-    return ray.data.read_datasource(source, num_cpus=0.1, compute=compute)
+    return ray.data.read_datasource(source, num_cpus=0.1, compute=compute, override_num_blocks=blocks)
+
+
+def estimate_rows(paths: Sequence[str], filesystem: pa.fs.FileSystem) -> int:
+    """About how many records the files hold: their total size × the records per byte of the first file."""
+    import pyarrow.parquet as pq
+
+    sizes = [info.size or 0 for info in filesystem.get_file_info(list(paths))]
+    first = paths[0]
+    try:
+        if corpus_format(first) == "parquet":
+            rows, used = pq.ParquetFile(filesystem.open_input_file(first)).metadata.num_rows, sizes[0]
+        else:
+            with filesystem.open_input_file(first) as raw:
+                codec = _CODECS.get(first.rsplit(".", 1)[-1].lower())
+                stream = pa.CompressedInputStream(raw, codec) if codec else raw
+                rows = stream.read(_READ_CHUNK_BYTES).count(b"\n")
+                used = raw.tell()  # the file bytes behind those records
+    except (OSError, pa.ArrowException):  # the reader reports unreadable files; here one block per file will do
+        return len(paths)
+    return max(len(paths), round(sum(sizes) * max(rows, 1) / max(used, 1)))
 
 
 def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> tuple[str | None, str, str]:
@@ -135,7 +161,6 @@ class CorpusDatasource(FileBasedDatasource):
         id_field: str | None = None,
         positions: bool = False,
         skip: Mapping[str, Sequence[tuple[int, int]]] | None = None,
-        rows_per_block: int = ROWS_PER_BLOCK,
         **kwargs,
     ):
         super().__init__(paths, **kwargs)
@@ -143,7 +168,6 @@ class CorpusDatasource(FileBasedDatasource):
         self.id_field = id_field
         self.positions = positions
         self.skip = {path: [tuple(r) for r in ranges] for path, ranges in (skip or {}).items()}
-        self.rows_per_block = max(1, rows_per_block)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = corpus_format(path)
@@ -154,7 +178,7 @@ class CorpusDatasource(FileBasedDatasource):
             if skipped(row[3]):
                 continue
             block.append(row)
-            if len(block) == self.rows_per_block:
+            if len(block) == _ROWS_PER_TABLE:
                 yield _to_table(block, path if self.positions else None)
                 block = []
         if block:

@@ -119,3 +119,15 @@ def test_missing_model_dir_is_one_clear_line(tmp_path, corpus):
                              str(tmp_path / "nope"), "--out", str(tmp_path / "o")], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_small_corpus_is_cut_into_batch_sized_blocks(ray_cluster):
+    # A read merges a small file into one block, and a block goes to one actor whole: without the cut, one
+    # actor would score the whole sample while the others idle.
+    from jbert_ray.corpus import read_corpus
+    from tests.conftest import SAMPLE_PATH
+
+    dataset = read_corpus(str(SAMPLE_PATH), rows_per_block=64).materialize()
+    sizes = [block.num_rows for bundle in dataset.iter_internal_ref_bundles() for block in bundle.metadata]
+    assert sum(sizes) == 9064
+    assert len(sizes) >= 100 and max(sizes) <= 128

@@ -51,3 +51,21 @@ def test_folder_without_corpus_files_is_a_clear_error(tmp_path):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(UserError, match="no corpus files"):
         resolve_paths(str(tmp_path))
+
+
+def test_estimate_rows_of_plain_gzip_and_parquet_corpora(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jbert_ray.corpus import estimate_rows
+    from tests.conftest import SAMPLE_PATH
+
+    lines = SAMPLE_PATH.read_bytes().splitlines(keepends=True)[:3000]
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b"".join(lines)))
+    pq.write_table(pa.table({"text": [line.decode() for line in lines]}), tmp_path / "c.parquet")
+    for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
+        paths, filesystem = resolve_paths(str(tmp_path / name))
+        assert 0.8 * 3000 <= estimate_rows(paths, filesystem) <= 1.2 * 3000, name
