@@ -1,5 +1,6 @@
 """Offline scoring benchmark (issue 7): `run_scoring` with 2 actors vs 1 actor, and the job vs a single-process
-loop calling `MaskedLM.score` directly (one torch thread, like one actor), all in this one run.
+loop calling `MaskedLM.score` directly (one torch thread, like one actor), all in this one run. Two such loops
+run at once in two processes show what a second core gives on this machine before any Ray overhead.
 
     python bench/score.py            # ja_valid.jsonl.gz (1,550 records), a 2-layer 128-wide BERT
     python bench/score.py --quick    # 400 records
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -33,13 +35,20 @@ def main() -> None:
         corpus = work / "valid.jsonl"
         corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         model_dir = make_model(work / "model")
-        direct = direct_loop(model_dir, [r["text"] for r in records])
+        texts = [r["text"] for r in records]
+        direct = direct_loop(model_dir, texts)
+        # What two processes get on this machine at all (shared caches, memory bandwidth, the hypervisor):
+        # the ceiling for 2 actors ÷ 1, before any Ray overhead.
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            pair = sum(pool.starmap(direct_loop, [(model_dir, texts)] * 2))
         jobs = {actors: job(model_dir, corpus, work / f"scores_{actors}", actors) for actors in (1, 2)}
     print(f"\n== offline scoring, {len(records):,} sentences (ja_valid), BERT L2 H128, CPU ==")
     print(f"  single process, MaskedLM.score, 1 thread: {direct:7.2f} sentences/s")
     for actors, rate in jobs.items():
         print(f"  jbert score job, {actors} actor(s):          {rate:7.2f} sentences/s")
+    print(f"  two direct loops at once (2 processes):   {pair:7.2f} sentences/s")
     print(f"  2 actors ÷ 1 actor:                       {jobs[2] / jobs[1]:.2f}  (target ≥ 1.7)")
+    print(f"  machine ceiling: two loops ÷ one loop:    {pair / direct:.2f}")
     print(f"  job (1 actor) ÷ direct loop (1 thread):   {jobs[1] / direct:.2f}  (target ≥ 0.8)")
     print(f"  job (2 actors) ÷ direct loop (1 thread):  {jobs[2] / direct:.2f}")
 
