@@ -117,7 +117,8 @@ def estimate_rows(paths: Sequence[str], filesystem: pa.fs.FileSystem) -> int:
     first = paths[0]
     try:
         if corpus_format(first) == "parquet":
-            rows, used = pq.ParquetFile(filesystem.open_input_file(first)).metadata.num_rows, sizes[0]
+            with filesystem.open_input_file(first) as f:
+                rows, used = pq.ParquetFile(f).metadata.num_rows, sizes[0]
         else:
             with filesystem.open_input_file(first) as raw:
                 codec = _CODECS.get(first.rsplit(".", 1)[-1].lower())
