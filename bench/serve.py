@@ -5,7 +5,8 @@
     python bench/serve.py --model MODEL_DIR    # any model dir (ours, or a Tohoku-style HF Japanese BERT)
 
 1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serving`, @serve.batch) vs a plain FastAPI app
-   under uvicorn calling transformers `pipeline("fill-mask")` per request; requests/s, p50 and p99 of both.
+   under uvicorn calling transformers `pipeline("fill-mask")` per request; requests/s, p50 and p99 of both. A third
+   row serves a model that does nothing the same way: Serve's own cost, the ceiling of the ratio on these CPUs.
 2. PLL scoring: `MaskedLM.score` vs naive PLL (one forward per masked position, batch 1) and vs batched masked
    copies with the full output layer at every position (the mlm-scoring way), same buckets and batch budget.
 Everything runs on 127.0.0.1, one phase after the other, with the same model and the same torch thread count.
@@ -14,6 +15,7 @@ Everything runs on 127.0.0.1, one phase after the other, with the same model and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
 TRAIN_CORPUS = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
+QUIET_LOGS = {"enable_access_log": False, "log_level": "WARNING"}
 SIZES = {
     "small": {
         "hidden_size": 256,
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--phases",
         default="auto",
-        help="comma-separated subset of baseline,serve,serve-bf16,score; auto = all (serve-bf16: Serve with "
-        "bfloat16 weights, a separate row, only where the CPU has bf16 instructions)",
+        help="comma-separated subset of baseline,serve,serve-noop,serve-bf16,score; auto = all (serve-noop: Serve "
+        "around a model that does nothing, the ceiling on these CPUs; serve-bf16: Serve with bfloat16 weights, a "
+        "separate row, only where the CPU has bf16 instructions)",
     )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -82,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         phases = set(args.phases.split(","))
         if "auto" in phases:
-            phases = {"baseline", "serve", "score"} | ({"serve-bf16"} if has_fast_bf16() else set())
-        if phases & {"baseline", "serve", "serve-bf16"}:
+            phases = {"baseline", "serve", "serve-noop", "score"} | ({"serve-bf16"} if has_fast_bf16() else set())
+        if phases & {"baseline", "serve", "serve-noop", "serve-bf16"}:
             replicas = args.replicas or max(1, (os.cpu_count() or 1) // args.threads)
             bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
         if "score" in phases:
@@ -181,6 +185,11 @@ def bench_http(
         report(f"Ray Serve (jbert_ray), {replicas} replica(s)", ours)
     if baseline and ours:
         print(f"  requests/s ratio: {ours['rps'] / baseline['rps']:.2f}x (target >= 3)", flush=True)
+    if "serve-noop" in phases:  # what Serve itself allows on these CPUs: the ceiling of the ratio above
+        noop = run_noop_serve_load(bodies, clients, per_client, replicas)
+        report("Ray Serve, no-op model (Serve alone)", noop)
+        if baseline:
+            print(f"  ceiling: no-op Serve ÷ baseline: {noop['rps'] / baseline['rps']:.2f}x", flush=True)
     if (
         "serve-bf16" in phases
     ):  # a serving option, not the same arithmetic: reported apart from the ratio above
@@ -201,17 +210,11 @@ def run_serve_load(
     replicas: int,
     dtype: str = "float32",
 ) -> dict:
-    import ray
     from ray import serve
 
     from jbert_ray.serving import ServeArgs, build_app
 
-    # Ray's documented high-throughput mode, as `jbert serve` sets it for the Ray it starts.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as port:
         cpus = min(threads, (os.cpu_count() or 1) / replicas)  # Ray resources only; threads set the real use
         args = ServeArgs(
             model_dir=model_dir,
@@ -223,12 +226,7 @@ def run_serve_load(
             max_batch_size=32,
             max_ongoing_requests=64,
         )
-        serve.run(
-            build_app(args),
-            name="bench",
-            route_prefix="/",
-            logging_config={"enable_access_log": False, "log_level": "WARNING"},
-        )
+        serve.run(build_app(args), name="bench", route_prefix="/", logging_config=QUIET_LOGS)
         result = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
         import requests
 
@@ -236,6 +234,47 @@ def run_serve_load(
         result["max_batch"] = stats["max_batch_size"]
         result["mean_batch"] = stats["texts"] / max(stats["batches"], 1)
         return result
+
+
+def run_noop_serve_load(bodies: list[dict], clients: int, per_client: int, replicas: int) -> dict:
+    """Serve's own cost per request: the same shape (FastAPI ingress, @serve.batch) around a model doing nothing."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(
+        num_replicas=replicas, max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": (os.cpu_count() or 1) / replicas},
+    )  # fmt: skip
+    @serve.ingress(app)
+    class NoOpFillMask:
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.03)
+        async def predict(self, texts: list[str]) -> list[list]:
+            return [[[{"token": "[UNK]", "token_id": 1, "score": 0.0}]] for _ in texts]
+
+        @app.post("/fill-mask")
+        async def fill_mask(self, body: dict) -> dict:
+            return {"predictions": [await self.predict(body["text"])]}
+
+    with local_serve() as port:
+        serve.run(NoOpFillMask.bind(), name="noop", route_prefix="/", logging_config=QUIET_LOGS)
+        return load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
+
+
+@contextlib.contextmanager
+def local_serve():
+    """A local Ray with Serve's HTTP proxy on a free loopback port; both stopped on exit."""
+    import ray
+    from ray import serve
+
+    # Ray's documented high-throughput mode, as `jbert serve` sets it for the Ray it starts.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
     finally:
         serve.shutdown()
         ray.shutdown()
