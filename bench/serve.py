@@ -183,6 +183,7 @@ def bench_http(
     if "serve" in phases:
         ours = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas)
         report(f"Ray Serve (jbert_ray), {replicas} replica(s)", ours)
+        print(f"  (ingress: {ours['ingress']})", flush=True)
     if baseline and ours:
         print(f"  requests/s ratio: {ours['rps'] / baseline['rps']:.2f}x (target >= 3)", flush=True)
     if "serve-noop" in phases:  # what Serve itself allows on these CPUs: the ceiling of the ratio above
@@ -230,7 +231,9 @@ def run_serve_load(
         result = load_test(f"http://127.0.0.1:{port}/fill-mask", bodies, clients, per_client)
         import requests
 
-        stats = requests.get(f"http://127.0.0.1:{port}/info", timeout=30).json()["stats"]["fill_mask"]
+        info = requests.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+        stats = info["stats"]["fill_mask"]
+        result["ingress"] = info["ingress"]
         result["max_batch"] = stats["max_batch_size"]
         result["mean_batch"] = stats["texts"] / max(stats["batches"], 1)
         return result
@@ -268,8 +271,11 @@ def local_serve():
     import ray
     from ray import serve
 
-    # Ray's documented high-throughput mode, as `jbert serve` sets it for the Ray it starts.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    from jbert_ray.serving import high_throughput_env
+
+    # Ray's documented high-throughput mode (HAProxy ingress where installed), as `jbert serve` sets it.
+    for name, value in high_throughput_env().items():
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -194,7 +194,7 @@ def _add_serve(commands) -> None:
 
 def _run_serve(args: argparse.Namespace) -> None:
     from jbert_ray.checkpoint import check_model_dir
-    from jbert_ray.serving import ServeArgs, run_server
+    from jbert_ray.serving import ServeArgs, high_throughput_env, run_server
 
     check_model_dir(args.model)  # fail before starting Ray
     if args.max_replicas < 1 or args.max_batch_size < 1 or not 0 < args.port < 65536:
@@ -204,8 +204,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         num_cpus=args.replica_cpus, num_gpus=args.replica_gpus, num_threads=args.threads,
         max_batch_size=args.max_batch_size,
     )  # JBERT_API_TOKEN, when set, turns on bearer auth
-    # Ray's documented high-throughput mode (gRPC proxy → replica, fewer threads): +20-30% req/s measured here.
-    # It only applies to a Ray started by this command; set it in a cluster's environment yourself.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # Ray's documented high-throughput mode (HAProxy in front of the replicas): it only applies to a Ray started
+    # by this command; a cluster needs it in its own environment (serve/config.yaml says how).
+    for name, value in high_throughput_env().items():
+        os.environ.setdefault(name, value)
     init_ray(args.num_cpus, show_progress=False)
     run_server(serve_args, host=args.host, port=args.port)

