@@ -186,6 +186,11 @@ def _add_serve(commands) -> None:
     sub.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica")
     sub.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = its CPU count)")
     sub.add_argument("--max-batch-size", type=int, default=32, help="texts per batched forward")
+    sub.add_argument("--max-ongoing-requests", type=int, default=64, help="requests a replica works on at once")
+    sub.add_argument(
+        "--max-queued-requests", type=int, default=256,
+        help="waiting requests beyond this get HTTP 503 (-1: no bound)",
+    )
     sub.add_argument(
         "--num-cpus", type=int, default=None,
         help="CPUs of the local Ray started when not under `ray job submit` (None = all)",
@@ -197,12 +202,17 @@ def _run_serve(args: argparse.Namespace) -> None:
     from jbert_ray.serving import ServeArgs, high_throughput_env, run_server
 
     check_model_dir(args.model)  # fail before starting Ray
-    if args.max_replicas < 1 or args.max_batch_size < 1 or not 0 < args.port < 65536:
-        raise UserError("--max-replicas and --max-batch-size must be ≥ 1 and --port within 1..65535")
+    if min(args.max_replicas, args.max_batch_size, args.max_ongoing_requests) < 1 or not 0 < args.port < 65536:
+        raise UserError(
+            "--max-replicas, --max-batch-size and --max-ongoing-requests must be ≥ 1, --port within 1..65535"
+        )
+    if args.max_queued_requests < -1:
+        raise UserError("--max-queued-requests must be ≥ 0, or -1 for no bound")
     serve_args = ServeArgs(
         model_dir=args.model, device=args.device, dtype=args.dtype, max_replicas=args.max_replicas,
         num_cpus=args.replica_cpus, num_gpus=args.replica_gpus, num_threads=args.threads,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=args.max_batch_size, max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests, target_ongoing_requests=args.max_ongoing_requests / 2,
     )  # JBERT_API_TOKEN, when set, turns on bearer auth
     # Ray's documented high-throughput mode (HAProxy in front of the replicas): it only applies to a Ray started
     # by this command; a cluster needs it in its own environment (serve/config.yaml says how).

