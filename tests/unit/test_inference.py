@@ -216,7 +216,12 @@ def test_fill_mask_on_a_long_text_reads_each_mask_in_its_own_window(tiny_model_d
 def test_bfloat16_weights_score_close_to_float32(tiny_model_dir, lm, short_texts):
     half = MaskedLM.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: a log-probability near -12 moves by ~2% through two layers and the softmax
+    # (0.18-0.22 seen), while the average token stays within ~0.03.
+    differences = []
     for a, b in zip(lm.score(short_texts[:3]), half.score(short_texts[:3])):
-        assert b["token_pll"] == pytest.approx(a["token_pll"], abs=0.2)
+        assert b["token_pll"] == pytest.approx(a["token_pll"], rel=0.04, abs=0.2)
+        differences += [abs(x - y) for x, y in zip(a["token_pll"], b["token_pll"])]
+    assert sum(differences) / len(differences) < 0.1
     with pytest.raises(UserError, match="unknown dtype"):
         MaskedLM.from_pretrained(tiny_model_dir, dtype="int3")
