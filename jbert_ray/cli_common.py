@@ -6,6 +6,8 @@ import argparse
 import os
 from collections.abc import Callable
 
+CORPUS_HELP = "file, folder or glob of .jsonl/.txt/.parquet (optionally .gz); local path or s3://, gs://, hdfs://"
+
 
 def add_command(commands, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
     """A subcommand whose --help shows its defaults; `handler(args)` runs it."""
@@ -29,7 +31,7 @@ def add_corpus_flags(sub: argparse.ArgumentParser) -> None:
     """The corpus flags `jbert vocab` and `jbert preprocess` share (the same readers and cleaning)."""
     sub.add_argument(
         "--input", required=True, metavar="CORPUS",
-        help="file, folder or glob of .jsonl/.txt/.parquet (optionally .gz); local path or s3://, gs://, hdfs://",
+        help=CORPUS_HELP,
     )
     sub.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
     sub.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray
+from jbert_ray.cli_common import CORPUS_HELP, add_command, add_ray_flags, by_reason, init_ray
 from jbert_ray.errors import UserError
 
 
@@ -84,7 +84,7 @@ def _add_score(commands) -> None:
     )
     sub.add_argument(
         "--input", required=True, metavar="CORPUS",
-        help="file, folder or glob of .jsonl/.txt/.parquet (optionally .gz); local path or s3://, gs://, hdfs://",
+        help=CORPUS_HELP,
     )
     sub.add_argument("--model", required=True, metavar="MODEL_DIR", help="our model dir or a Tohoku-style HF dir")
     sub.add_argument("--out", required=True, metavar="SCORES_DIR", help="output: parts/*.parquet, summary.json")
