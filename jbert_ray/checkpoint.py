@@ -1,8 +1,12 @@
-"""Model directories: save and load a BERT masked-LM with its Japanese tokenizer, safetensors only.
+"""Model directories: save and load a masked LM (BERT or ModernBERT) with its Japanese tokenizer, safetensors only.
 
 A model directory is an ordinary HF directory (config.json, model.safetensors, Tohoku-style tokenizer files), so
 `transformers.pipeline("fill-mask", model=dir)` works on it, and a published Tohoku Japanese BERT directory can be
 used in its place. Weights are never read with `torch.load` (pickles can run code).
+
+A ModernBERT directory holds the same tokenizer files, but transformers 5 maps `model_type: modernbert` to its
+`tokenizers` backend whatever `tokenizer_class` says, so plain `AutoTokenizer.from_pretrained(dir)` fails there;
+`AutoTokenizer.from_pretrained(dir, tokenizer_type="bert-japanese")` is the supported way (ids are identical).
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from jbert_ray.tokenizer import JapaneseTokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import BertForMaskedLM
+    from transformers import PreTrainedModel
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-BERT_MODEL_TYPES = ("bert",)
+MODEL_TYPES = ("bert", "modernbert")  # masked LMs jbert_ray trains, scores and serves
 
 
 def save_model_dir(path: str | os.PathLike, model, tokenizer: JapaneseTokenizer) -> None:
@@ -39,21 +43,21 @@ def save_model_dir(path: str | os.PathLike, model, tokenizer: JapaneseTokenizer)
 
 def load_model_dir(
     path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None
-) -> tuple[BertForMaskedLM, JapaneseTokenizer]:
-    """Load a model directory (ours or a Tohoku-style HF Japanese BERT) in eval mode on `device`.
+) -> tuple[PreTrainedModel, JapaneseTokenizer]:
+    """Load a model directory (ours, BERT or ModernBERT, or a Tohoku-style HF Japanese BERT) in eval mode.
 
     Args:
         path: a local directory with config.json, model.safetensors and vocab.txt (+ tokenizer_config.json).
         device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
         dtype: weights dtype (torch.bfloat16 or "bfloat16" on GPUs and bf16-capable CPUs); None = float32.
     """
-    from transformers import BertForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
     path = check_model_dir(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     tokenizer = JapaneseTokenizer.from_pretrained(path)
-    model = BertForMaskedLM.from_pretrained(
+    model = AutoModelForMaskedLM.from_pretrained(
         path,
         use_safetensors=True,  # never fall back to pytorch_model.bin
         local_files_only=True,  # a path, never a hub name
@@ -69,7 +73,7 @@ def load_model_dir(
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """Return `path` as a Path if it looks like a BERT model directory; otherwise raise a UserError saying why."""
+    """Return `path` as a Path if it looks like a model directory we load; otherwise raise a UserError saying why."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist (give a local directory, not a hub name)")
@@ -80,13 +84,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
         raise UserError(f"{config_file} is not a valid JSON object: {error}") from None
-    if model_type not in BERT_MODEL_TYPES:
-        raise UserError(f"{path}: model_type is {model_type!r}; jbert_ray loads BERT models only")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"{path}: model_type is {model_type!r}; jbert_ray loads {' and '.join(MODEL_TYPES)} models")
     if not any((path / name).is_file() for name in SAFE_WEIGHTS):
         pickled = [name for name in PICKLE_WEIGHTS if (path / name).is_file()]
         hint = (
             f"; it has {pickled[0]}, which jbert_ray does not unpickle: convert it once with "
-            "`BertForMaskedLM.from_pretrained(dir).save_pretrained(dir)` in a trusted environment"
+            "`AutoModelForMaskedLM.from_pretrained(dir).save_pretrained(dir)` in a trusted environment"
             if pickled
             else ""
         )

@@ -20,24 +20,45 @@ def add_model_commands(commands) -> None:
 def _add_pretrain(commands) -> None:
     sub = add_command(
         commands, "pretrain",
-        "Pretrain a BERT masked LM on preprocessed shards with Ray Train (re-run the same --out to resume).",
+        "Pretrain a masked LM (ModernBERT or BERT) on preprocessed shards with Ray Train "
+        "(re-run the same --out to resume).",
         _run_pretrain,
     )
     sub.add_argument("--data", required=True, metavar="SHARDS_DIR", help="output of `jbert preprocess`")
     sub.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, model/, metrics)")
     sub.add_argument(
         "--model-config", default="tiny", metavar="tiny|small|base|CONFIG.json",
-        help="size preset, or a JSON file of ModelConfig fields or an HF BertConfig",
+        help="size preset, or a JSON file of ModelConfig fields or an HF BertConfig/ModernBertConfig",
     )
-    sub.add_argument("--init-from", metavar="MODEL_DIR", help="continue pretraining an HF BERT model directory")
+    sub.add_argument(
+        "--arch", default="modernbert", choices=["modernbert", "bert"],
+        help="architecture for a preset or ModelConfig JSON: modernbert (pre-LN, RoPE, GeGLU; learns far more in "
+        "a short budget) or bert (post-LN, as Tohoku's)",
+    )
+    sub.add_argument(
+        "--init-from", metavar="MODEL_DIR", help="continue pretraining an HF BERT or ModernBERT model directory"
+    )
     sub.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     sub.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     sub.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker; 0 = auto")
-    sub.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    sub.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimizer step")
+    sub.add_argument(
+        "--time-budget", type=float, default=0.0, metavar="MINUTES",
+        help="train for this long: warmup and decay laid over it, a final checkpoint and export when it ends "
+        "(0: train by --max-steps)",
+    )
+    sub.add_argument(
+        "--max-steps", type=int, default=0,
+        help="optimizer steps (0: no step limit with --time-budget, else 1000)",
+    )
+    sub.add_argument(
+        "--global-batch-size", type=int, default=0,
+        help="sequences per optimizer step (0: micro batch × workers, no accumulation)",
+    )
     sub.add_argument("--micro-batch-size", type=int, default=32, help="sequences per forward per worker")
-    sub.add_argument("--learning-rate", type=float, default=5e-4, help="peak AdamW learning rate")
-    sub.add_argument("--warmup-steps", type=int, default=-1, help="linear warmup steps; -1 = 6%% of max steps")
+    sub.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    sub.add_argument(
+        "--warmup-steps", type=int, default=-1, help="linear warmup steps; -1 = 6%% of the run (steps or budget)"
+    )
     sub.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     sub.add_argument("--mask-prob", type=float, default=0.15, help="fraction of words selected for prediction")
     sub.add_argument("--token-masking", action="store_true", help="select tokens instead of whole MeCab words")
@@ -59,9 +80,9 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UserError(str(error)) from None
     config = PretrainConfig(
-        data_dir=args.data, output_dir=args.out, model_config=args.model_config, init_from=args.init_from,
-        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        max_steps=args.max_steps, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        data_dir=args.data, output_dir=args.out, model_config=args.model_config, arch=args.arch,
+        init_from=args.init_from, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker, time_budget_min=args.time_budget, max_steps=args.max_steps, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         masking=masking, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

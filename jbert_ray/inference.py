@@ -65,7 +65,7 @@ class _Copy:
 
 
 class MaskedLM:
-    """A BERT masked LM and its tokenizer, loaded once; batched fill-mask and PLL scoring."""
+    """A masked LM (BERT or ModernBERT) and its tokenizer, loaded once; batched fill-mask and PLL scoring."""
 
     def __init__(
         self,
@@ -218,7 +218,10 @@ class MaskedLM:
         Copies are sorted by length and packed under max_batch_tokens (length bucketing), so padding stays small;
         the encoder runs on whole sequences, the MLM head only on the M rows read.
         """
+        from jbert_ray.model import encoder_and_head
+
         torch = self._torch
+        encoder, head = encoder_and_head(self.model)
         order = sorted(range(len(copies)), key=lambda c: (len(sequences[copies[c].seq]), copies[c].seq))
         with torch.inference_mode():
             for batch in self._buckets(order, [len(sequences[c.seq]) for c in copies]):
@@ -235,14 +238,14 @@ class MaskedLM:
                     offsets.append(len(rows))
                     rows.extend([b] * len(copy.read_at))
                     cols.extend(copy.read_at)
-                hidden = self.model.bert(
+                hidden = encoder(
                     input_ids=torch.from_numpy(input_ids).to(self.device),
                     attention_mask=torch.from_numpy(attention_mask).to(self.device),
                 ).last_hidden_state  # (B, T, H)
                 picked = hidden[
                     torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
                 ]
-                yield batch, self.model.cls(picked).float(), offsets  # (M, V)
+                yield batch, head(picked).float(), offsets  # (M, V)
 
     def _buckets(self, order: list[int], lengths: list[int]) -> Iterator[list[int]]:
         batch: list[int] = []

@@ -1,8 +1,12 @@
-"""BERT masked-LM from a size preset (transformers' `BertForMaskedLM`, SDPA attention), and its training loss.
+"""Masked LMs from a size preset, and their training loss: transformers' `ModernBertForMaskedLM` (pre-LN, RoPE,
+GeGLU; Warner et al. 2024) or `BertForMaskedLM`, both with SDPA attention and the same size fields.
+
+In 20 minutes on 2 CPUs the pre-LN ModernBERT leaves the unigram plateau and BERT does not (bench/quality.py),
+so ModernBERT is the default; BERT stays for continuing a Tohoku model (`--init-from`).
 
 `SparseMaskedLM` computes the loss with the vocabulary projection only at the masked positions (Cramming,
 Geiping & Goldstein 2022, "sparse prediction"): in a small BERT with a 32k vocab that projection costs more than
-the encoder. It reuses the wrapped model's own `bert` and `cls` modules, so the exported model is unchanged.
+the encoder. It reuses the wrapped model's own encoder and head modules, so the exported model is unchanged.
 Nothing here knows about devices, DDP or Ray.
 """
 
@@ -19,15 +23,17 @@ from torch import nn
 from jbert_ray.errors import UserError
 from jbert_ray.masking import IGNORE_INDEX
 
+ARCHS = ("modernbert", "bert")  # HF model_type of each architecture we build
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_size: int = 768  # BERT-base width
     num_layers: int = 12  # transformer blocks
     num_heads: int = 12  # attention heads; hidden_size must divide evenly
-    intermediate_size: int = 3072  # feed-forward width (4 × hidden in BERT)
+    intermediate_size: int = 3072  # feed-forward width (4 × hidden in BERT; ModernBERT's GeGLU has 2 inputs)
     max_position_embeddings: int = 512  # longest sequence the position table covers
-    dropout: float = 0.1  # hidden and attention dropout (BERT)
+    dropout: float = 0.0  # hidden and attention dropout; 0 for short budgets (Cramming, ModernBERT)
     initializer_range: float = 0.02  # std of the normal weight init (BERT)
 
     def __post_init__(self):
@@ -47,7 +53,7 @@ PRESETS = {
 
 
 def resolve_model_config(spec: str) -> ModelConfig | dict:
-    """A preset name, or a JSON file: our ModelConfig fields, or an HF BertConfig (returned as a dict)."""
+    """A preset name, or a JSON file: our ModelConfig fields, or an HF BertConfig/ModernBertConfig (as a dict)."""
     if spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
@@ -59,7 +65,7 @@ def resolve_model_config(spec: str) -> ModelConfig | dict:
         raise UserError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a JSON object")
-    if values.get("model_type") == "bert":
+    if values.get("model_type") in ARCHS:
         return values
     fields = {field.name for field in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - fields)
@@ -68,37 +74,57 @@ def resolve_model_config(spec: str) -> ModelConfig | dict:
     return ModelConfig(**values)
 
 
-def bert_config_dict(config: ModelConfig | dict, vocab_size: int, pad_token_id: int = 0) -> dict:
-    """The HF `BertConfig` (as a plain dict, to cross Ray boundaries) for a ModelConfig or an HF config dict."""
-    from transformers import BertConfig
+def hf_config_dict(config: ModelConfig | dict, arch: str, vocab_size: int, special_ids: dict[str, int]) -> dict:
+    """The HF config (a plain dict, to cross Ray boundaries) of `arch` for a ModelConfig or an HF config dict.
 
-    if isinstance(config, dict):  # an HF BertConfig JSON
-        return BertConfig.from_dict(
-            {**config, "vocab_size": vocab_size, "pad_token_id": pad_token_id}
-        ).to_dict()
-    return BertConfig(
+    `special_ids` maps pad/cls/sep to the tokenizer's ids (ModernBERT's defaults are those of its own vocab).
+    An HF dict keeps its own model_type; `arch` only applies to a ModelConfig.
+    """
+    from transformers import AutoConfig
+
+    ids = {f"{name}_token_id": value for name, value in special_ids.items()}
+    if isinstance(config, dict):
+        values = {k: v for k, v in config.items() if k != "model_type"}
+        return AutoConfig.for_model(config["model_type"], **{**values, "vocab_size": vocab_size, **ids}).to_dict()
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+    shared = dict(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_position_embeddings,
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
         initializer_range=config.initializer_range,
-        pad_token_id=pad_token_id,
-    ).to_dict()
+        **ids,
+    )
+    if arch == "bert":
+        dropout = dict(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    else:  # ModernBERT: bos/eos are its names for cls/sep
+        dropout = dict(
+            embedding_dropout=config.dropout, mlp_dropout=config.dropout, attention_dropout=config.dropout,
+            bos_token_id=ids.get("cls_token_id"), eos_token_id=ids.get("sep_token_id"),
+        )
+    return AutoConfig.for_model(arch, **shared, **dropout).to_dict()
 
 
-def build_model(config: ModelConfig | dict, vocab_size: int, pad_token_id: int = 0):
-    """A freshly initialized `BertForMaskedLM` (SDPA attention) with `vocab_size` embeddings.
+def build_model(hf_config: dict):
+    """A freshly initialized masked LM (`BertForMaskedLM` or `ModernBertForMaskedLM`, SDPA) from an HF config dict."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
 
-    `config` is a ModelConfig or an HF BertConfig dict (whose vocab_size and pad_token_id are overridden).
+    values = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **values)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+
+
+def encoder_and_head(mlm: nn.Module):
+    """(encoder, head) of a masked LM: encoder(input_ids=, attention_mask=) → last_hidden_state; head(h) → logits.
+
+    Splitting them lets training and scoring run the vocabulary projection only where it is read.
     """
-    from transformers import BertConfig, BertForMaskedLM
-
-    bert_config = BertConfig.from_dict(bert_config_dict(config, vocab_size, pad_token_id))
-    return BertForMaskedLM._from_config(bert_config, attn_implementation="sdpa")
+    if hasattr(mlm, "bert"):  # BertForMaskedLM
+        return mlm.bert, mlm.cls
+    return mlm.model, lambda hidden: mlm.decoder(mlm.head(hidden))  # ModernBertForMaskedLM
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -106,7 +132,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class SparseMaskedLM(nn.Module):
-    """Training view of a `BertForMaskedLM`: encoder on all tokens, decoder only where labels are set.
+    """Training view of a masked LM: encoder on all tokens, decoder only where labels are set.
 
     forward(input_ids (B, T), attention_mask (B, T) or None, labels (B, T)) returns
     (loss: mean cross-entropy over predicted tokens, num_correct, num_predicted) — the last two detached.
@@ -118,12 +144,11 @@ class SparseMaskedLM(nn.Module):
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, labels):
-        hidden = self.mlm.bert(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state  # (B, T, H)
+        encoder, head = encoder_and_head(self.mlm)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         predict = labels != IGNORE_INDEX  # (B, T)
         targets = labels[predict]  # (M,)
-        logits = self.mlm.cls(hidden[predict])  # (M, V): the vocab projection only at masked positions
+        logits = head(hidden[predict])  # (M, V): the vocab projection only at masked positions
         # Sum / max(M, 1): a micro-batch without masks still touches every parameter (DDP needs that), loss 0.
         loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
         with torch.no_grad():

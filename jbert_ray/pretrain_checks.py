@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jbert_ray.errors import UserError
-from jbert_ray.model import bert_config_dict
+from jbert_ray.model import hf_config_dict
 from jbert_ray.shards import file_sha256
 from jbert_ray.train_state import ShardInfo, inspect_shards, read_json, write_json
 
@@ -22,12 +22,13 @@ RESUME_KEYS = ("model_config", "init_from", "global_batch_size", "seed", "whole_
 
 
 def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
-    """Validate shards, model config and --init-from before any worker starts; return shards + BertConfig dict."""
+    """Validate shards, model config and --init-from before any worker starts; return shards + HF config dict."""
     from jbert_ray.model import resolve_model_config
 
     shards = inspect_shards(cfg.data_dir)
+    if cfg.max_steps < 0 or cfg.time_budget_min < 0:
+        raise UserError("--max-steps and --time-budget must be ≥ 0 (0: not set)")
     for name, value in (
-        ("max_steps", cfg.max_steps),
         ("num_workers", cfg.num_workers),
         ("micro_batch_size", cfg.micro_batch_size),
         ("log_every", cfg.log_every),
@@ -55,23 +56,24 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
                 f"--init-from {cfg.init_from}: its vocab.txt differs from the tokenizer the shards were made with; "
                 "preprocess the corpus with that model's tokenizer (jbert preprocess --tokenizer MODEL_DIR)"
             )
-        bert_config = _read_bert_config(model_dir)
+        hf_config = _read_hf_config(model_dir)
     else:
         from jbert_ray.tokenizer import JapaneseTokenizer
 
         tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
         model_config = resolve_model_config(cfg.model_config)
-        bert_config = bert_config_dict(model_config, tokenizer.vocab_size, tokenizer.pad_token_id)
-    if bert_config["max_position_embeddings"] < shards.max_seq_len:
+        special_ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+        hf_config = hf_config_dict(model_config, cfg.arch, tokenizer.vocab_size, special_ids)
+    if hf_config["max_position_embeddings"] < shards.max_seq_len:
         raise UserError(
             f"shards hold sequences of up to {shards.max_seq_len} tokens but the model has only "
-            f"{bert_config['max_position_embeddings']} positions"
+            f"{hf_config['max_position_embeddings']} positions"
         )
-    if bert_config["vocab_size"] < shards.vocab_size:
+    if hf_config["vocab_size"] < shards.vocab_size:
         raise UserError(
-            f"model has {bert_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}"
+            f"model has {hf_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}"
         )
-    return shards, bert_config
+    return shards, hf_config
 
 
 def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None = None) -> float:
@@ -99,14 +101,14 @@ def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None 
     return per_worker
 
 
-def check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> None:
+def check_run_dir(run_dir: Path, cfg: PretrainConfig, hf_config: dict) -> None:
     from jbert_ray.output_dir import prepare_output_dir
 
     prepare_output_dir(run_dir, allow_existing=True)
     identity = json.loads(
         json.dumps(
             {  # JSON round trip: compare what the file holds (int keys become str)
-                "model_config": bert_config,
+                "model_config": hf_config,
                 "init_from": cfg.init_from,
                 "global_batch_size": cfg.global_batch_size,
                 "seed": cfg.seed,
@@ -131,7 +133,7 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig, bert_config: dict) -> None
     write_json(run_dir / CONFIG_FILE, {"identity": identity, "config": cfg.to_dict()})
 
 
-def _read_bert_config(model_dir: Path) -> dict:
-    from transformers import BertConfig
+def _read_hf_config(model_dir: Path) -> dict:
+    from transformers import AutoConfig
 
-    return BertConfig.from_pretrained(model_dir).to_dict()
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True).to_dict()

@@ -39,24 +39,26 @@ from jbert_ray.train_state import (
 )
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
+DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps nor --time-budget
+WARMUP_SHARE = 0.06  # of the run (steps or budget) spent warming up when --warmup-steps is -1 (RoBERTa)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     data_dir: str  # shards directory (manifest.json, train/, valid/, tokenizer/)
     output_dir: str  # run dir: checkpoints/, model/, metrics.csv, tensorboard/, curves.png, results.json
-    model_config: str = (
-        "tiny"  # preset (tiny, small, base) or a JSON file (ModelConfig fields or HF BertConfig)
-    )
+    model_config: str = "tiny"  # size preset (tiny, small, base) or a JSON file (ModelConfig fields or an HF config)
+    arch: str = "modernbert"  # modernbert (pre-LN, RoPE, GeGLU) or bert; an HF config JSON or --init-from decides
     init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
     cpus_per_worker: float = 0.0  # 0 = auto: leave room for the Ray Data stage (2-CPU deadlock otherwise)
-    max_steps: int = 1000  # optimizer steps
-    global_batch_size: int = 256  # sequences per optimizer step over all workers and accumulation steps
+    time_budget_min: float = 0.0  # minutes of training; warmup and decay are laid over it (0 = by steps)
+    max_steps: int = 0  # optimizer steps; 0 = no step limit with a time budget, else 1000
+    global_batch_size: int = 0  # sequences per optimizer step, all workers; 0 = micro batch × workers
     micro_batch_size: int = 32  # sequences per forward per worker; accumulation fills the global batch
-    learning_rate: float = 5e-4
-    warmup_steps: int = -1  # linear warmup; -1 = 6% of max_steps (RoBERTa), then linear decay to 0
+    learning_rate: float = 1e-3  # peak AdamW learning rate (pre-LN models take 1e-3 at batch 32)
+    warmup_steps: int = -1  # linear warmup; -1 = 6% of the run (steps or budget), then linear decay to 0
     weight_decay: float = 0.01  # AdamW; not on biases and LayerNorm
     max_grad_norm: float = 1.0  # gradient clipping
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -79,9 +81,13 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @property
-    def resolved_warmup_steps(self) -> int:
-        return self.warmup_steps if self.warmup_steps >= 0 else math.ceil(0.06 * self.max_steps)
+    def resolved(self) -> PretrainConfig:
+        """The defaults that depend on other fields made explicit (what a re-run must match)."""
+        return dataclasses.replace(
+            self,
+            max_steps=self.max_steps or (0 if self.time_budget_min > 0 else DEFAULT_MAX_STEPS),
+            global_batch_size=self.global_batch_size or self.micro_batch_size * self.num_workers,
+        )
 
 
 # ---------------------------------------------------------------- driver
@@ -98,16 +104,16 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     )  # report() costs ~1.2 s at the 2 s default
     # Workers run in their own directories: every path they receive must be absolute.
     cfg = dataclasses.replace(
-        cfg,
+        cfg.resolved(),
         data_dir=str(Path(cfg.data_dir).resolve()),
         output_dir=str(Path(cfg.output_dir).resolve()),
         init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
     )
     run_dir = Path(cfg.output_dir)
-    shards, bert_config = check_inputs(cfg)
+    shards, hf_config = check_inputs(cfg)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
-    check_run_dir(run_dir, cfg, bert_config)
+    check_run_dir(run_dir, cfg, hf_config)
     spec = stream_spec(cfg, shards, run_dir)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
     has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
@@ -117,7 +123,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={
             "pretrain": cfg.to_dict(),
-            "bert_config": bert_config,
+            "hf_config": hf_config,
             "run_dir": str(run_dir),
             "tokenizer_dir": str(shards.tokenizer_dir),
             "has_valid": has_valid,
@@ -195,32 +201,36 @@ def train_loop_per_worker(config: dict) -> None:
             SparseMaskedLM(model)
         )  # device + DDP (gloo on CPU, NCCL on GPU)
         optimizer = make_optimizer(model, cfg)
-        step = int(load_train_state(checkpoint_dir, optimizer)["step"]) if checkpoint_dir else 0
+        state = load_train_state(checkpoint_dir, optimizer) if checkpoint_dir else {}
+    step = int(state.get("step", 0))
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     log = MetricsLog(run_dir, resume_step=step) if rank == 0 else None
-    start_step = step
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
     skip = max(0, step * cfg.global_batch_size - _stream_start(run_dir)) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
     autocast = _autocast(device)
+    clock = _RunClock(cfg, device, float(state.get("elapsed_s", 0.0)))  # a resumed run keeps its schedule
+    report = _Reporter(cfg, config, module, model, tokenizer, optimizer, log, rank, state)
     window = _Window()
-    reporter = functools.partial(_report, cfg, config, module, model, tokenizer, optimizer, device, log, rank)
-    while step < cfg.max_steps:
+    elapsed, stopped = clock.elapsed(), False
+    while not stopped:
         micro = [b for _, b in zip(range(accumulate), batches)]
         if len(micro) < accumulate:  # stream exhausted; equal splits make every rank stop together
             break
-        if not window.steps and step == start_step:
+        if not window.steps and not report.rows:
             window.reset()  # tokens_per_s leaves out the stream's start-up (and the skip after a resume)
-        lr = lr_at_step(step, cfg)
+        lr = lr_at(step, elapsed, cfg)
         window.add(
             train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast)
         )
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            reporter(step, lr, window)
-    if window.steps:  # stopped between log steps: every rank still reports (and checkpoints) once more
-        reporter(step, lr_at_step(step, cfg), window, force_checkpoint=True)
+        elapsed = clock.elapsed()
+        stopped = bool(cfg.max_steps and step >= cfg.max_steps) or clock.is_over(elapsed)
+        if stopped or step % cfg.log_every == 0:
+            report(step, lr, window, elapsed, is_last=stopped)
+    if not stopped:  # the stream ended first: every rank still reports (and checkpoints) once more
+        report(step, lr_at(step, elapsed, cfg), window, elapsed, is_last=True)
     if log is not None:
         log.close()
 
@@ -270,12 +280,18 @@ def trim_padding(batch: dict) -> dict:
     }
 
 
-def lr_at_step(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to learning_rate, then linear decay to 0 at max_steps."""
-    warmup = cfg.resolved_warmup_steps
-    if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
-    return cfg.learning_rate * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+def lr_at(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
+    """Linear warmup to learning_rate, then linear decay to 0 at the end of the time budget (if set) or max_steps."""
+    share = WARMUP_SHARE if cfg.warmup_steps < 0 else 0.0
+    if cfg.time_budget_min > 0:
+        done = elapsed_s / (60 * cfg.time_budget_min)
+        warm = done / share if share else (step + 1) / max(cfg.warmup_steps, 1)
+        decay = (1 - done) / (1 - share)
+    else:
+        warmup = math.ceil(share * cfg.max_steps) if share else cfg.warmup_steps
+        warm = (step + 1) / max(warmup, 1)
+        decay = (cfg.max_steps - step) / max(1, cfg.max_steps - warmup)
+    return cfg.learning_rate * max(0.0, min(1.0, warm, decay))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
@@ -332,54 +348,80 @@ class _Window:
         self.grad_norm = stats["grad_norm"]
 
 
-def _report(
-    cfg,
-    config,
-    module,
-    model,
-    tokenizer,
-    optimizer,
-    device,
-    log,
-    rank,
-    step,
-    lr,
-    window,
-    force_checkpoint=False,
-) -> None:
-    import ray.train
+class _RunClock:
+    """Training time of the run, carried across resumes; under a time budget every rank reads the same value."""
 
-    totals = _all_reduce(window.totals.clone(), device)  # every rank takes part: same collectives everywhere
-    elapsed = time.perf_counter() - window.started
-    metrics = {
-        "step": step,
-        "loss": totals[0].item() / max(totals[2].item(), 1),
-        "accuracy": totals[1].item() / max(totals[2].item(), 1),
-        "lr": lr,
-        "tokens_per_s": totals[3].item() / max(elapsed, 1e-9),
-        "grad_norm": window.grad_norm,
-    }
-    is_last = step >= cfg.max_steps or force_checkpoint
-    if config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
-        metrics.update(evaluate(module, device, _autocast(device), cfg.micro_batch_size))
-    if log is not None:
-        log.write(metrics)
-    if not (step % cfg.checkpoint_every == 0 or is_last):
-        ray.train.report(metrics)  # every worker must call report() the same number of times
-    else:
+    def __init__(self, cfg: PretrainConfig, device: torch.device, elapsed_before: float):
+        self.budget_s = 60 * cfg.time_budget_min
+        self.device = device
+        self.start = time.perf_counter() - elapsed_before
+
+    def elapsed(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        if self.budget_s > 0:  # ranks must stop at the same step: take the slowest rank's clock
+            elapsed = _all_reduce(torch.tensor([elapsed], dtype=torch.float64), self.device, "max")[0].item()
+        return elapsed
+
+    def is_over(self, elapsed: float) -> bool:
+        return self.budget_s > 0 and elapsed >= self.budget_s
+
+
+class _Reporter:
+    """Metric rows, evaluations and checkpoints at log steps; every rank calls it at the same steps."""
+
+    def __init__(self, cfg, config, module, model, tokenizer, optimizer, log, rank, state: dict):
+        self.cfg, self.config, self.log, self.rank = cfg, config, log, rank
+        self.module, self.model, self.tokenizer, self.optimizer = module, model, tokenizer, optimizer
+        self.device = next(module.parameters()).device
+        self.tokens = float(state.get("tokens", 0))  # non-pad tokens trained on, all ranks, since step 0
+        self.rows = 0
+
+    def __call__(self, step: int, lr: float, window: _Window, elapsed: float, is_last: bool = False) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        totals = _all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
+        self.tokens += totals[3].item()
+        predicted = max(totals[2].item(), 1)
+        metrics = {
+            "step": step,
+            "loss": totals[0].item() / predicted if window.steps else None,
+            "accuracy": totals[1].item() / predicted if window.steps else None,
+            "lr": lr,
+            "tokens_per_s": totals[3].item() / max(time.perf_counter() - window.started, 1e-9),
+            "grad_norm": window.grad_norm,
+            "tokens": self.tokens,
+            "elapsed_s": elapsed,
+        }
+        if self.config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
+            metrics.update(evaluate(self.module, self.device, _autocast(self.device), cfg.micro_batch_size))
+        if self.log is not None:
+            self.log.write(metrics)
+        self.rows += 1
+        if step % cfg.checkpoint_every == 0 or is_last:
+            self._checkpoint(step, metrics, elapsed)
+        else:
+            ray.train.report(metrics)  # every worker must call report() the same number of times
+        window.reset()  # the time spent evaluating and checkpointing is not counted in tokens_per_s
+
+    def _checkpoint(self, step: int, metrics: dict, elapsed: float) -> None:
+        import ray.train
+
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:  # one copy of the replicated state
+            if self.rank == 0:  # one copy of the replicated state
                 from jbert_ray.checkpoint import save_model_dir
 
-                save_model_dir(Path(tmp) / "model", model, tokenizer)
-                save_train_state(tmp, optimizer, step, sequences=step * cfg.global_batch_size)
+                save_model_dir(Path(tmp) / "model", self.model, self.tokenizer)
+                sequences = step * self.cfg.global_batch_size
+                save_train_state(
+                    tmp, self.optimizer, step, sequences=sequences, elapsed_s=elapsed, tokens=self.tokens
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
-            progress = {"step": step, "sequences": step * cfg.global_batch_size}
-            write_json(Path(config["run_dir"]) / PROGRESS_FILE, progress)
-    window.reset()  # the time spent evaluating and checkpointing is not counted in tokens_per_s
+        if self.rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
+            progress = {"step": step, "sequences": step * self.cfg.global_batch_size}
+            write_json(Path(self.config["run_dir"]) / PROGRESS_FILE, progress)
 
 
 def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir: str | None):
@@ -391,7 +433,7 @@ def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir:
     elif cfg.init_from:
         model, _ = load_model_dir(cfg.init_from, "cpu")
     else:
-        model = build_model(config["bert_config"], tokenizer.vocab_size, tokenizer.pad_token_id)
+        model = build_model(config["hf_config"])
     return model.train()
 
 
@@ -424,11 +466,11 @@ def _autocast(device: torch.device):
     return nullcontext  # fp32 on CPU
 
 
-def _all_reduce(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
     reduced = values.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-    dist.all_reduce(reduced)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return reduced.to("cpu", torch.float64)

@@ -24,6 +24,12 @@ STATE_FILE = "train_state.json"
 PROGRESS_FILE = "progress.json"  # run dir: step of the latest persisted checkpoint (read by the data stream)
 STREAM_FILE = "stream.json"  # run dir: where the current input stream starts (written by the data stream)
 METRICS_FILE = "metrics.csv"
+# Under a time budget the stream is planned for an upper bound of the training rate (sequences/s per worker,
+# ~5x what we measured: 13/s per CPU worker for H256 L4, ~10k/s an H200 guess for the small preset), at most
+# MAX_STREAM_EPOCHS epochs of the shards; a run that exhausts it stops early with a final checkpoint.
+BUDGET_SEQUENCES_PER_S_CPU = 64
+BUDGET_SEQUENCES_PER_S_GPU = 16_384
+MAX_STREAM_EPOCHS = 200
 METRIC_COLUMNS = (
     "step",
     "loss",
@@ -33,6 +39,8 @@ METRIC_COLUMNS = (
     "grad_norm",
     "eval_loss",
     "eval_accuracy",
+    "tokens",  # non-pad tokens trained on since step 0, all workers (the x axis of learning-efficiency plots)
+    "elapsed_s",  # training time since step 0, carried across resumes
 )
 
 
@@ -314,8 +322,7 @@ def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
         "files": [str(p) for p in shards.train_files],
         "file_rows": shards.train_file_rows,
         "valid_files": [str(p) for p in shards.valid_files],
-        # one spare global batch: the equal split may drop up to num_workers - 1 rows at the end
-        "sequences_needed": (cfg.max_steps + 1) * cfg.global_batch_size,
+        "sequences_needed": _sequences_needed(cfg, shards),
         "seed": cfg.seed,
         "data_cpus": cfg.data_cpus,
         "show_progress": cfg.show_progress,
@@ -329,6 +336,17 @@ def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
             "seed": cfg.seed,
         },
     }
+
+
+def _sequences_needed(cfg, shards: ShardInfo) -> int:
+    """How long the stream must be: max_steps (+ one spare global batch: the equal split may drop up to
+    num_workers - 1 rows at the end), or under a time budget, what the fastest plausible rate could use."""
+    by_steps = (cfg.max_steps + 1) * cfg.global_batch_size
+    if cfg.time_budget_min <= 0:
+        return by_steps
+    per_second = cfg.num_workers * (BUDGET_SEQUENCES_PER_S_GPU if cfg.use_gpu else BUDGET_SEQUENCES_PER_S_CPU)
+    by_budget = min(math.ceil(60 * cfg.time_budget_min * per_second), MAX_STREAM_EPOCHS * shards.train_rows)
+    return min(by_steps, by_budget) if cfg.max_steps else by_budget
 
 
 def _read_lines(path: Path) -> list[str]:
