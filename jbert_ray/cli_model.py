@@ -38,7 +38,10 @@ def _add_pretrain(commands) -> None:
     sub.add_argument(
         "--init-from", metavar="MODEL_DIR", help="continue pretraining an HF BERT or ModernBERT model directory"
     )
-    sub.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    sub.add_argument(
+        "--num-workers", type=int, default=0,
+        help="Ray Train workers (DDP ranks); 0 = one per GPU with --use-gpu, else one per CPU of a node (≤ 8)",
+    )
     sub.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     sub.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker; 0 = auto")
     sub.add_argument(
@@ -164,11 +167,13 @@ def _run_score(args: argparse.Namespace) -> None:
 
 
 def _add_demo(commands) -> None:
+    from jbert_ray.demo import DEMO_MINUTES
+
     sub = add_command(
         commands, "demo", "Run the whole path on the bundled Japanese sample with a local Ray.", _run_demo
     )
     sub.add_argument("--work-dir", default="runs/demo", help="where artifacts go; a re-run reuses them")
-    sub.add_argument("--max-steps", type=int, default=600, help="pretraining steps of the tiny model")
+    sub.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="pretraining budget of the mini model")
     add_ray_flags(sub)
 
 
@@ -182,7 +187,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     init_ray(args.num_cpus, show_progress=not args.no_progress)
     try:
-        artifacts = run_demo(args.work_dir, max_steps=args.max_steps, show_progress=not args.no_progress)
+        artifacts = run_demo(args.work_dir, minutes=args.minutes, show_progress=not args.no_progress)
     finally:
         ray.shutdown()
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; artifacts:")

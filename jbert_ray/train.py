@@ -50,7 +50,7 @@ class PretrainConfig:
     model_config: str = "tiny"  # size preset (tiny, small, base) or a JSON file (ModelConfig fields or an HF config)
     arch: str = "modernbert"  # modernbert (pre-LN, RoPE, GeGLU) or bert; an HF config JSON or --init-from decides
     init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    num_workers: int = 0  # Ray Train workers (DDP ranks); 0 = one per GPU, or per CPU of a node (at most 8)
     use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
     cpus_per_worker: float = 0.0  # 0 = auto: leave room for the Ray Data stage (2-CPU deadlock otherwise)
     time_budget_min: float = 0.0  # minutes of training; warmup and decay are laid over it (0 = by steps)
@@ -104,14 +104,17 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     )  # report() costs ~1.2 s at the 2 s default
     # Workers run in their own directories: every path they receive must be absolute.
     cfg = dataclasses.replace(
-        cfg.resolved(),
+        cfg,
         data_dir=str(Path(cfg.data_dir).resolve()),
         output_dir=str(Path(cfg.output_dir).resolve()),
         init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
     )
     run_dir = Path(cfg.output_dir)
-    shards, hf_config = check_inputs(cfg)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
+    if not cfg.num_workers:
+        cfg = dataclasses.replace(cfg, num_workers=auto_workers(cfg.use_gpu, ray.cluster_resources(), node_cpus))
+    cfg = cfg.resolved()  # the global batch follows the worker count
+    shards, hf_config = check_inputs(cfg)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
     check_run_dir(run_dir, cfg, hf_config)
     spec = stream_spec(cfg, shards, run_dir)
@@ -146,6 +149,17 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     started = time.perf_counter()
     result = trainer.fit()
     return _finish(run_dir, result, time.perf_counter() - started)
+
+
+def auto_workers(use_gpu: bool, cluster: dict, node_cpus: float | None) -> int:
+    """One worker per GPU; on CPU one single-threaded worker per CPU of the largest node, at most 8.
+
+    On 2 CPUs two 1-thread DDP workers train 1.15x faster than one 2-thread worker (3.0k vs 2.6k tokens/s, H256 L4);
+    past 8 ranks gloo's all-reduce of the 32k-entry embedding costs more than a rank adds.
+    """
+    if use_gpu:
+        return max(1, int(cluster.get("GPU", 0)))
+    return max(1, min(int(node_cpus or cluster.get("CPU", 1)), 8))
 
 
 def _finish(run_dir: Path, result, elapsed_s: float) -> dict:

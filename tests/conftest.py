@@ -60,6 +60,24 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_modernbert_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A randomly initialised tiny ModernBertForMaskedLM (our default architecture) + the test tokenizer."""
+    import torch
+
+    from jbert_ray.checkpoint import save_model_dir
+    from jbert_ray.model import PRESETS, build_model, hf_config_dict
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
+    special_ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+    torch.manual_seed(0)
+    model = build_model(hf_config_dict(PRESETS["tiny"], "modernbert", tokenizer.vocab_size, special_ids))
+    path = tmp_path_factory.mktemp("tiny_modernbert")
+    save_model_dir(path, model, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local 2-CPU Ray for the whole test session (start-up costs ~5 s)."""
     import ray

@@ -1,5 +1,6 @@
 """`jbert pretrain` on a local 2-CPU Ray: tiny model, 2 workers — loss falls, the model dir loads in the fill-mask
-pipeline, a re-run resumes, a killed worker restarts from its checkpoint, bad input fails before training."""
+pipeline, a re-run resumes, a killed worker restarts from its checkpoint, a time budget stops on time and keeps its
+schedule on resume, both architectures continue with --init-from, bad input fails before training."""
 
 import json
 import os
@@ -71,7 +72,7 @@ def first_run(ray_cluster, shards, tmp_path_factory):
 
 
 def test_loss_falls_and_the_run_dir_holds_metrics_curves_and_a_fill_mask_model(first_run):
-    from transformers import pipeline
+    from transformers import AutoTokenizer, pipeline
 
     rows = read_metrics(first_run / "metrics.csv")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
@@ -82,8 +83,12 @@ def test_loss_falls_and_the_run_dir_holds_metrics_curves_and_a_fill_mask_model(f
     assert any((first_run / "tensorboard").iterdir())
     results = json.loads((first_run / "results.json").read_text())
     assert results["step"] == 30
-    predictions = pipeline("fill-mask", model=str(first_run / "model"))("東京は日本の[MASK]です。")
+    model_dir = str(first_run / "model")
+    assert json.loads((first_run / "model" / "config.json").read_text())["model_type"] == "modernbert"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, tokenizer_type="bert-japanese")
+    predictions = pipeline("fill-mask", model=model_dir, tokenizer=tokenizer)("東京は日本の[MASK]です。")
     assert len(predictions) == 5
+    assert rows[-1]["tokens"] > rows[0]["tokens"] > 0 and rows[-1]["elapsed_s"] > rows[0]["elapsed_s"] > 0
 
 
 def test_relative_paths_work_although_workers_run_elsewhere(ray_cluster, shards, tmp_path, monkeypatch):
@@ -122,6 +127,50 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_c
     steps = [r["step"] for r in read_metrics(out / "metrics.csv")]
     assert steps == sorted(set(steps)) and steps[-1] == 40
     assert json.loads((out / "results.json").read_text())["step"] == 40
+
+
+def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cluster, shards, tmp_path):
+    out = tmp_path / "budget"
+    budget_s = 20
+    started = time.perf_counter()
+    assert main(pretrain_argv(shards, out, "--time-budget", str(budget_s / 60), "--warmup-steps", "-1")) == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert budget_s <= rows[-1]["elapsed_s"] < budget_s + 5  # stopped at the first step past the budget
+    assert time.perf_counter() - started < budget_s + 60  # start-up and export are outside the budget
+    peak = 2e-3
+    assert rows[-1]["lr"] < 0.1 * peak  # the decay reached ~0 when the budget did
+    assert max(r["lr"] for r in rows) > 0.8 * peak
+    assert (out / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "results.json").read_text())["step"] == rows[-1]["step"]  # a final checkpoint
+
+    longer = tmp_path / "longer"
+    shutil.copytree(out, longer)
+    assert main(pretrain_argv(shards, longer, "--time-budget", str(2 * budget_s / 60), "--warmup-steps", "-1")) == 0
+    resumed = read_metrics(longer / "metrics.csv")
+    first_new = resumed[len(rows)]
+    assert first_new["step"] > rows[-1]["step"] and first_new["elapsed_s"] > rows[-1]["elapsed_s"]
+    # The clock went on from the checkpoint: the lr is halfway down the decay, not back in warmup.
+    expected = peak * (1 - first_new["elapsed_s"] / (2 * budget_s)) / 0.94
+    assert first_new["lr"] == pytest.approx(expected, rel=0.25)
+    assert 2 * budget_s <= resumed[-1]["elapsed_s"] < 2 * budget_s + 5
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_each_architecture_continues_from_its_own_export_with_init_from(ray_cluster, shards, tmp_path, arch):
+    from jbert_ray.inference import MaskedLM
+
+    first = tmp_path / "first"
+    assert main(pretrain_argv(shards, first, "--arch", arch, "--max-steps", "10")) == 0
+    config = json.loads((first / "model" / "config.json").read_text())
+    assert config["model_type"] == arch
+    before = read_metrics(first / "metrics.csv")
+    second = tmp_path / "second"
+    assert main(pretrain_argv(shards, second, "--init-from", str(first / "model"), "--max-steps", "10")) == 0
+    assert json.loads((second / "model" / "config.json").read_text())["model_type"] == arch
+    after = read_metrics(second / "metrics.csv")
+    assert after[0]["loss"] < before[0]["loss"] - 0.5  # starts from the trained weights, not from scratch
+    (scores,) = MaskedLM.from_pretrained(second / "model").score(["東京は日本の首都です。"])
+    assert scores["n_tokens"] > 0 and scores["pll"] < 0
 
 
 def expect_user_error(capsys, argv, message):

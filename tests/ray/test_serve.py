@@ -57,7 +57,7 @@ def extra_app(serve_url, tiny_model_dir):
     from ray import serve
 
     def deploy(**overrides):
-        args = ServeArgs(model_dir=str(tiny_model_dir), **{**SMALL_REPLICA, **overrides})
+        args = ServeArgs(**{"model_dir": str(tiny_model_dir), **SMALL_REPLICA, **overrides})
         serve.run(build_app(args), name="jbert-extra", route_prefix="/extra")
         return f"{serve_url}/extra"
 
@@ -197,6 +197,21 @@ def test_overload_gets_503(extra_app, sample_texts):
     with ThreadPoolExecutor(12) as pool:
         statuses = [r.status_code for r in pool.map(lambda _: post(f"{url}/score", slow), range(12))]
     assert 503 in statuses and 200 in statuses, statuses
+
+
+def test_a_modernbert_model_answers_as_the_inference_core_does(extra_app, tiny_modernbert_dir, sample_texts):
+    from jbert_ray.inference import MaskedLM
+
+    url = extra_app(model_dir=str(tiny_modernbert_dir))
+    direct = MaskedLM.from_pretrained(tiny_modernbert_dir, device="cpu")
+    served = post(f"{url}/fill-mask", {"texts": TEXTS, "top_k": 3})
+    assert served.status_code == 200
+    for per_mask, expected in zip(served.json()["predictions"], direct.fill_mask(TEXTS, top_k=3)):
+        assert [[c["token"] for c in m] for m in per_mask] == [[c["token"] for c in m] for m in expected]
+    scored = post(f"{url}/score", {"texts": sample_texts[:2]})
+    assert scored.status_code == 200
+    for got, expected in zip(scored.json()["scores"], direct.score(sample_texts[:2])):
+        assert got["pll"] == pytest.approx(expected["pll"], abs=1e-3)
 
 
 def test_bearer_token_is_required_when_set(extra_app):

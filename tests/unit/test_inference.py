@@ -80,7 +80,7 @@ def test_saved_model_dir_reloads_with_identical_logits(tmp_path, tiny_model_dir)
     [
         ({}, "no config.json"),
         ({"config.json": "{"}, "not a valid JSON"),
-        ({"config.json": json.dumps({"model_type": "gpt2"})}, "BERT models only"),
+        ({"config.json": json.dumps({"model_type": "gpt2"})}, "loads bert and modernbert models"),
         ({"config.json": json.dumps({"model_type": "bert"})}, "no model.safetensors"),
         ({"config.json": json.dumps({"model_type": "bert"}), "pytorch_model.bin": "x"}, "does not unpickle"),
     ],
@@ -225,3 +225,24 @@ def test_bfloat16_weights_score_close_to_float32(tiny_model_dir, lm, short_texts
     assert sum(differences) / len(differences) < 0.1
     with pytest.raises(UserError, match="unknown dtype"):
         MaskedLM.from_pretrained(tiny_model_dir, dtype="int3")
+
+
+# ---- ModernBERT model directories ----
+
+
+def test_modernbert_dir_fills_masks_like_the_pipeline_and_scores_like_the_naive_reference(
+    tiny_modernbert_dir, short_texts
+):
+    from transformers import AutoTokenizer, pipeline
+
+    modern = MaskedLM.from_pretrained(tiny_modernbert_dir, device="cpu")
+    assert modern.model.config.model_type == "modernbert"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_modernbert_dir, tokenizer_type="bert-japanese")
+    fill_mask = pipeline("fill-mask", model=str(tiny_modernbert_dir), tokenizer=tokenizer, device="cpu")
+    text = FILL_MASK_TEXTS[0]
+    (candidates,) = modern.fill_mask([text], top_k=5)[0]
+    reference = fill_mask(text, top_k=5)
+    assert [c["token_id"] for c in candidates] == [r["token"] for r in reference]
+    assert [c["score"] for c in candidates] == pytest.approx([r["score"] for r in reference], abs=1e-5)
+    for text, result in zip(short_texts[:3], modern.score(short_texts[:3])):
+        assert result["token_pll"] == pytest.approx(naive_pll(modern, text), abs=1e-4)

@@ -1,0 +1,272 @@
+"""Learning efficiency: what a model learns of Japanese in the same wall-clock budget, ours against HF's run_mlm.
+
+    python bench/quality.py                         # 20 minutes per side on 2 CPUs (~45 minutes in all)
+    python bench/quality.py --minutes 5 --run ours --run "ours-bert:--arch bert"   # levers, one row each
+
+Both sides train the same dims (hidden 256, 4 layers, 4 heads, FFN 1024) with the same tokenizer (a 32,768-entry
+WordPiece vocab over MeCab words of ../shared/corpus/ja_train) on the same token stream, on all of this machine's
+CPUs, for the same --minutes of training (start-up and export are outside the budget on both sides):
+  ours        `jbert pretrain --time-budget M --model-config dims.json`, default flags otherwise: Ray Train + the Ray
+              Data masking stream, as users run it (extra flags after "LABEL:" in --run)
+  hf-run_mlm  transformers' run_mlm recipe in one process: group_texts into 128-token blocks,
+              DataCollatorForLanguageModeling (15% tokens, 80/10/10), BertForMaskedLM (dropout 0.1), AdamW 5e-4,
+              batch 32, warmup 200 steps, then linear decay laid over the budget (as ours), torch on all CPUs
+One evaluator for every run: masked-token accuracy and perplexity with 15% *token* masking at a fixed seed over
+the same 400 blocks of 128 tokens of ../shared/corpus/ja_valid (split by source file), plus the top-5 fill-mask
+answers on FILL_MASK sentences written before any tuning, each with the content words we accept as plausible.
+Results are kept per label under --work (a later call prints them again; --rerun replaces them); the table lists
+every run given, and loss_vs_tokens.png plots every curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens  # noqa: E402
+from jbert_ray.tokenizer import JapaneseTokenizer  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "corpus"
+DIMS = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
+SEQ_LEN = 128
+EVAL_BLOCKS = 400
+EVAL_SEED = 1234
+# Written before any tuning (documentation prose, like the corpus); a row counts if any accepted word is in the top 5.
+FILL_MASK = [
+    ("セルに[MASK]を入力します。", {"値", "数値", "数式", "データ", "文字", "テキスト", "関数", "日付", "文字列", "内容"}),
+    ("[MASK]メニューから印刷を選択します。", {"ファイル", "表示", "編集", "書式", "ツール", "挿入", "コンテキスト"}),
+    ("このダイアログでフォントの[MASK]を変更できます。", {"サイズ", "色", "種類", "設定", "名前", "スタイル", "大きさ", "属性", "書式"}),
+    ("使い方を表示して[MASK]する。", {"終了"}),
+    ("出力結果を[MASK]に保存します。", {"ファイル", "標準", "ディレクトリ", "バッファ", "メモリ", "変数"}),
+    ("詳細な[MASK]を出力します。", {"報告", "情報", "メッセージ", "ログ", "出力", "結果", "説明", "エラー"}),
+    ("パッケージを[MASK]するには、次のコマンドを実行します。", {"インストール", "削除", "更新", "アップグレード", "作成", "設定", "構築", "ビルド", "導入"}),
+    ("環境[MASK]を設定してください。", {"変数", "設定"}),
+    ("画像の[MASK]を変更します。", {"サイズ", "色", "大きさ", "解像度", "名前", "形式", "モード", "レイヤー", "幅", "高さ"}),
+    ("ファイルを[MASK]モードで開きます。", {"読み込み", "書き込み", "読み取り", "追加", "テキスト", "バイナリ", "編集", "読み出し"}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per run")
+    parser.add_argument("--work", default="/tmp/jbert_quality", help="tokenizer, shards, runs and results")
+    parser.add_argument(
+        "--run", action="append", metavar="LABEL[:FLAGS]",
+        help='"hf-run_mlm", or a label for `jbert pretrain` with extra flags (default: ours and hf-run_mlm)',
+    )
+    parser.add_argument("--rerun", action="store_true", help="train again even if a result is kept")
+    args = parser.parse_args()
+    work = Path(args.work)
+    runs = args.run or ["ours", "hf-run_mlm"]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (an idle machine reads ~0); "
+          f"budget {args.minutes:g} min per run; dims {DIMS}", flush=True)
+    tokenizer_dir, shards_dir = prepare_data(work)
+    evaluator = Evaluator(tokenizer_dir)
+    results = []
+    for spec in runs:
+        label, _, flags = spec.partition(":")
+        path = work / "results" / f"{label}_{args.minutes:g}min.json"
+        if path.exists() and not args.rerun:
+            result = json.loads(path.read_text())
+        else:
+            trained = (train_hf_run_mlm(work, shards_dir, tokenizer_dir, args.minutes) if label == "hf-run_mlm"
+                       else train_ours(work, label, shards_dir, args.minutes, shlex.split(flags)))
+            result = {"label": label, "flags": flags, "minutes": args.minutes, **trained,
+                      **evaluator.evaluate(trained["model_dir"])}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, ensure_ascii=False, indent=1))
+        results.append(result)
+        print(f"[{label}] valid acc {result['accuracy']:.1%}, ppl {result['perplexity']:.1f}, "
+              f"{result['plausible']}/{len(FILL_MASK)} fill-mask rows plausible", flush=True)
+    print_table(results)
+    plot(results, work / "loss_vs_tokens.png")
+
+
+def prepare_data(work: Path) -> tuple[Path, Path]:
+    """The tokenizer and shards both sides train on, built once with our CLI (cached under --work)."""
+    tokenizer_dir, shards_dir = work / "tokenizer", work / "shards"
+    train = str(CORPUS / "ja_train.jsonl.gz")
+    if not (tokenizer_dir / "vocab.txt").exists():
+        _jbert("vocab", "--input", train, "--out", str(tokenizer_dir), "--vocab-size", "32768", "--overwrite")
+    if not (shards_dir / "manifest.json").exists():
+        _jbert("preprocess", "--input", train, "--tokenizer", str(tokenizer_dir), "--out", str(shards_dir),
+               "--max-seq-len", str(SEQ_LEN), "--pack-across-docs", "--valid-fraction", "0.01", "--overwrite")
+    return tokenizer_dir, shards_dir
+
+
+def train_ours(work: Path, label: str, shards_dir: Path, minutes: float, flags: list[str]) -> dict:
+    """`jbert pretrain` as a user runs it; the dims come from a ModelConfig JSON unless the flags give one."""
+    run_dir = work / "runs" / label
+    dims = work / "dims.json"
+    dims.write_text(json.dumps(DIMS))
+    command = ["pretrain", "--data", str(shards_dir), "--out", str(run_dir), "--time-budget", f"{minutes:g}"]
+    if "--model-config" not in flags:
+        command += ["--model-config", str(dims)]
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    started = time.perf_counter()
+    _jbert(*command, *flags)
+    wall = time.perf_counter() - started
+    rows = _read_csv(run_dir / "metrics.csv")
+    curve = [(r["tokens"], r["loss"]) for r in rows if r.get("tokens") and r.get("loss")]
+    return {"model_dir": str(run_dir / "model"), "steps": int(rows[-1]["step"]), "tokens": rows[-1]["tokens"],
+            "train_s": rows[-1]["elapsed_s"], "wall_s": wall, "curve": curve}
+
+
+def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes: float) -> dict:
+    """transformers' run_mlm recipe on the same token stream, for the same training time, all CPU threads."""
+    import pyarrow.parquet as pq
+    from transformers import BertConfig, BertForMaskedLM, BertJapaneseTokenizer, DataCollatorForLanguageModeling
+
+    from jbert_ray.checkpoint import save_model_dir
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(0)
+    hf_tokenizer = BertJapaneseTokenizer.from_pretrained(tokenizer_dir)
+    ids = np.concatenate([np.concatenate(pq.read_table(f, columns=["input_ids"])["input_ids"].to_numpy(False))
+                          for f in sorted((shards_dir / "train").glob("**/*.parquet"))])
+    blocks = ids[: len(ids) // SEQ_LEN * SEQ_LEN].reshape(-1, SEQ_LEN)  # group_texts
+    np.random.default_rng(0).shuffle(blocks)
+    config = BertConfig(vocab_size=hf_tokenizer.vocab_size, hidden_size=DIMS["hidden_size"],
+                        num_hidden_layers=DIMS["num_layers"], num_attention_heads=DIMS["num_heads"],
+                        intermediate_size=DIMS["intermediate_size"], pad_token_id=hf_tokenizer.pad_token_id)
+    model = BertForMaskedLM(config).train()
+    collator = DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.15)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+    budget = 60 * minutes
+    # run_mlm's linear schedule needs a step count; we lay its decay over the budget, as ours does.
+    warmup, curve, step, tokens, losses = 200, [], 0, 0, []
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < budget:
+        lr = 5e-4 * min((step + 1) / warmup, 1 - elapsed / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = blocks[(step * 32) % len(blocks):][:32]
+        batch = collator([{"input_ids": row.tolist()} for row in rows])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, tokens = step + 1, tokens + rows.size
+        losses.append(loss.item())
+        if step % 10 == 0:
+            curve.append((tokens, float(np.mean(losses))))
+            losses = []
+    model_dir = work / "runs" / "hf-run_mlm" / "model"
+    save_model_dir(model_dir, model, JapaneseTokenizer.from_pretrained(tokenizer_dir))
+    return {"model_dir": str(model_dir), "steps": step, "tokens": tokens, "train_s": time.perf_counter() - started,
+            "wall_s": time.perf_counter() - started, "curve": curve}
+
+
+class Evaluator:
+    """The same masked blocks and fill-mask sentences for every model dir."""
+
+    def __init__(self, tokenizer_dir: Path):
+        import gzip
+
+        tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
+        with gzip.open(CORPUS / "ja_valid.jsonl.gz", "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        content = np.concatenate([e.ids[1:-1] for e in tokenizer.encode_batch(texts)])
+        width = SEQ_LEN - 2
+        blocks = content[: len(content) // width * width].reshape(-1, width)
+        blocks = blocks[np.linspace(0, len(blocks) - 1, EVAL_BLOCKS).astype(int)]  # spread over the valid set
+        ids = np.concatenate([np.full((EVAL_BLOCKS, 1), tokenizer.cls_token_id), blocks,
+                              np.full((EVAL_BLOCKS, 1), tokenizer.sep_token_id)], axis=1)
+        self.input_ids, self.labels = mask_tokens(
+            ids, np.ones_like(ids, dtype=bool), vocab_size=tokenizer.vocab_size,
+            special_ids=sorted(tokenizer.special_ids), mask_id=tokenizer.mask_token_id,
+            config=MaskingConfig(mask_prob=0.15, whole_word=False), rng=np.random.default_rng(EVAL_SEED),
+        )
+
+    def evaluate(self, model_dir: str) -> dict:
+        from transformers import AutoModelForMaskedLM
+
+        from jbert_ray.inference import MaskedLM
+
+        model = AutoModelForMaskedLM.from_pretrained(model_dir, local_files_only=True).eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        with torch.inference_mode():
+            for start in range(0, EVAL_BLOCKS, 50):
+                ids = torch.from_numpy(self.input_ids[start:start + 50]).long()
+                labels = torch.from_numpy(self.labels[start:start + 50])
+                logits = model(input_ids=ids).logits
+                picked = labels != IGNORE_INDEX
+                loss_sum += torch.nn.functional.cross_entropy(logits[picked], labels[picked], reduction="sum").item()
+                correct += (logits[picked].argmax(-1) == labels[picked]).sum().item()
+                count += int(picked.sum())
+        answers = MaskedLM.from_pretrained(model_dir, device="cpu").fill_mask([t for t, _ in FILL_MASK], top_k=5)
+        top5 = [[c["token"] for c in masks[0]] for masks in answers]
+        plausible = sum(bool(set(words) & accepted) for words, (_, accepted) in zip(top5, FILL_MASK))
+        return {"accuracy": correct / count, "perplexity": math.exp(loss_sum / count), "masked_tokens": count,
+                "fill_mask": top5, "plausible": plausible}
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| run | flags | budget | steps | tokens | valid masked-token acc | valid ppl | fill-mask rows plausible |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['label']} | `{r['flags'] or '(defaults)'}` | {r['minutes']:g} min | {r['steps']:,} | "
+              f"{r['tokens'] / 1e6:.2f} M | {r['accuracy']:.1%} | {r['perplexity']:.1f} | "
+              f"{r['plausible']}/{len(FILL_MASK)} |")
+    print("\ntop-5 fill-mask answers:")
+    for i, (text, _) in enumerate(FILL_MASK):
+        print(f"  {text}")
+        for r in results:
+            print(f"    {r['label']:<14} {' / '.join(r['fill_mask'][i])}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        if r["curve"]:
+            tokens, loss = zip(*r["curve"])
+            ax.plot(np.array(tokens) / 1e6, loss, label=f"{r['label']} (valid acc {r['accuracy']:.1%})")
+    ax.set_xlabel("tokens trained on (millions)")
+    ax.set_ylabel("train masked-LM loss")
+    ax.set_title("loss vs tokens, 2 CPUs, same budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"\nplot: {path}")
+
+
+def _jbert(*args: str, log: Path = Path("/tmp/jbert_quality.log")) -> None:
+    """Run a `jbert` command of this environment; its stderr (Ray's logs) goes to `log`."""
+    command = [str(Path(sys.executable).with_name("jbert")), *args, "--no-progress"]
+    print("$ jbert " + " ".join(args), flush=True)
+    with open(log, "a", encoding="utf-8") as stderr:
+        result = subprocess.run(command, stdout=sys.stdout, stderr=stderr)
+    if result.returncode:
+        sys.exit(f"jbert {args[0]} failed (exit {result.returncode}); see {log}")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    from jbert_ray.train_state import read_metrics
+
+    return read_metrics(path)
+
+
+if __name__ == "__main__":
+    main()
