@@ -36,8 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens  # noqa: E402
-from jbert_ray.tokenizer import JapaneseTokenizer  # noqa: E402
+from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
+from jbert_ray.tokenizer import JapaneseTokenizer
 
 CORPUS = REPO.parent / "shared" / "corpus"
 DIMS = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
@@ -131,7 +131,12 @@ def train_ours(work: Path, label: str, shards_dir: Path, minutes: float, flags: 
 def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes: float) -> dict:
     """transformers' run_mlm recipe on the same token stream, for the same training time, all CPU threads."""
     import pyarrow.parquet as pq
-    from transformers import BertConfig, BertForMaskedLM, BertJapaneseTokenizer, DataCollatorForLanguageModeling
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertJapaneseTokenizer,
+        DataCollatorForLanguageModeling,
+    )
 
     from jbert_ray.checkpoint import save_model_dir
 
@@ -257,7 +262,7 @@ def _jbert(*args: str, log: Path = Path("/tmp/jbert_quality.log")) -> None:
     command = [str(Path(sys.executable).with_name("jbert")), *args, "--no-progress"]
     print("$ jbert " + " ".join(args), flush=True)
     with open(log, "a", encoding="utf-8") as stderr:
-        result = subprocess.run(command, stdout=sys.stdout, stderr=stderr)
+        result = subprocess.run(command, stdout=sys.stdout, stderr=stderr, check=False)
     if result.returncode:
         sys.exit(f"jbert {args[0]} failed (exit {result.returncode}); see {log}")
 

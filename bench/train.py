@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jbert_ray.masking import MaskingConfig, mask_tokens, pad_batch
-from jbert_ray.model import PRESETS, SparseMaskedLM, build_model
-from jbert_ray.train import PretrainConfig, make_optimizer, train_step
+from jbert_ray.model import PRESETS, SparseMaskedLM, build_model, hf_config_dict
+from jbert_ray.train import PretrainConfig
+from jbert_ray.train_step import make_optimizer, train_step
 
 SEQ_LEN = 128
 VOCAB_SIZE = 32768
@@ -136,7 +137,8 @@ class OurStep:
 
     def __init__(self, preset, tokenizer, rows, batch_size):
         torch.manual_seed(0)
-        self.model = build_model(PRESETS[preset], VOCAB_SIZE, tokenizer.pad_token_id)
+        # BERT on both sides: this benchmark isolates the step; bench/quality.py compares architectures
+        self.model = build_model(hf_config_dict(PRESETS[preset], "bert", VOCAB_SIZE, {"pad": tokenizer.pad_token_id}))
         self.module = SparseMaskedLM(self.model)
         self.optimizer = make_optimizer(self.model, PretrainConfig(data_dir="", output_dir=""))
         self.tokenizer, self.rows, self.batch_size = tokenizer, rows, batch_size

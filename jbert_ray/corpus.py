@@ -148,6 +148,8 @@ def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> 
     value = record[text_field]
     if not isinstance(value, str):
         return record_id, decoded, T.REJECT_NOT_TEXT
+    if T.has_invalid_unicode(value) or (record_id and T.has_invalid_unicode(record_id)):
+        return None, decoded, T.REJECT_INVALID_UNICODE  # the line itself is valid UTF-8: keep it as the record
     return record_id, value, ""
 
 

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from jbert_ray.errors import UserError
+from jbert_ray.text import has_invalid_unicode
 
 MASK = "[MASK]"
 MODEL_DIR_ENV = "JBERT_MODEL_DIR"  # read only by the application builder, at the edge
@@ -111,11 +112,16 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     if not isinstance(body, dict):
         raise ApiError(422, f"the request body must be a JSON object, not {type(body).__name__}")
     try:
-        return model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise ApiError(422, f"{where}: {first['msg']}") from None
+    texts = [parsed.text] if parsed.text is not None else parsed.texts or []
+    bad = next((i for i, text in enumerate(texts) if has_invalid_unicode(text)), None)
+    if bad is not None:
+        raise ApiError(422, f"text {bad}: invalid Unicode (a lone surrogate such as \\ud800)")
+    return parsed
 
 
 def _body_schema(model: type[BaseModel]) -> dict:

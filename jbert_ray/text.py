@@ -17,6 +17,10 @@ REJECT_BINARY = "binary"
 REJECT_NO_JAPANESE = "no_japanese"
 REJECT_TOO_LONG = "too_long"
 REJECT_UNREADABLE = "unreadable"  # the file could not be read on (e.g. a corrupt .gz); the rest of it is lost
+REJECT_INVALID_UNICODE = "invalid_unicode"  # a lone surrogate ("\ud800" is valid JSON): not encodable as UTF-8
+
+# Lone UTF-16 surrogates: JSON escapes can produce them, but no UTF-8 writer (parquet, files, MeCab) takes them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Control characters other than tab and newlines: MeCab stops reading at NUL, and the rest are noise.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -34,6 +38,16 @@ class TextConfig:
     max_chars: int = 1_000_000  # longer records are dumps gone wrong (a whole file on one line), not documents
 
 
+def has_invalid_unicode(text: str) -> bool:
+    """True if `text` holds a lone surrogate, which crawled JSON corpora contain and UTF-8 cannot encode."""
+    return _SURROGATE.search(text) is not None
+
+
+def replace_invalid_unicode(text: str) -> str:
+    """Lone surrogates → U+FFFD (the tokenizer then gives [UNK] for them, as for any unknown character)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def normalize(text: str, form: str = "NFKC") -> str:
     """Apply Unicode normalization (the one BertJapaneseTokenizer applies: NFKC by default)."""
     return text if form.lower() == "none" else unicodedata.normalize(form, text)
@@ -43,6 +57,8 @@ def clean_text(text: str, config: TextConfig = TextConfig()) -> tuple[str, str]:
     """Normalize one record; return (clean text, "") or ("", reject reason)."""
     if len(text) > config.max_chars:
         return "", REJECT_TOO_LONG
+    if has_invalid_unicode(text):
+        return "", REJECT_INVALID_UNICODE
     if not text.strip():
         return "", REJECT_EMPTY
     controls = len(_CONTROL.findall(text))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from jbert_ray.errors import UserError
-from jbert_ray.text import normalize
+from jbert_ray.text import normalize, replace_invalid_unicode
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
@@ -134,6 +134,7 @@ class JapaneseTokenizer:
         """MeCab words of one text (after NFKC), as BertJapaneseTokenizer's word tokenizer splits it."""
         if self._tagger is None:
             self._tagger = build_tagger(self.mecab_dic, self.mecab_option)
+        text = replace_invalid_unicode(text)  # MeCab takes UTF-8, which a lone surrogate is not
         if self.normalize_text:
             text = normalize(text)
         # MeCab reads a C string: it would silently stop at NUL.

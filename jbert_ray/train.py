@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import shutil
 import tempfile
@@ -24,7 +23,9 @@ import torch
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import SparseMaskedLM, build_model
 from jbert_ray.pretrain_checks import check_inputs, check_resources, check_run_dir
+from jbert_ray.progress import MetricsWatcher
 from jbert_ray.train_state import (
+    METRICS_FILE,
     PROGRESS_FILE,
     STREAM_FILE,
     MetricsLog,
@@ -37,10 +38,10 @@ from jbert_ray.train_state import (
     stream_spec,
     write_json,
 )
+from jbert_ray.train_step import all_reduce, autocast_for, evaluate, lr_at, make_optimizer, train_step
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
 DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps nor --time-budget
-WARMUP_SHARE = 0.06  # of the run (steps or budget) spent warming up when --warmup-steps is -1 (RoBERTa)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         datasets=datasets,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    watcher = MetricsWatcher(run_dir / METRICS_FILE, cfg.time_budget_min, cfg.max_steps)
+    with watcher if cfg.show_progress else nullcontext():
+        result = trainer.fit()
     return _finish(run_dir, result, time.perf_counter() - started)
 
 
@@ -173,10 +176,11 @@ def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
             shutil.rmtree(model_dir)
         shutil.copytree(Path(checkpoint_dir) / "model", model_dir)
     plot = plot_curves(run_dir)
-    rows = read_metrics(run_dir / "metrics.csv")
-    evals = [r for r in rows if r.get("eval_loss") is not None]
+    every_row = read_metrics(run_dir / "metrics.csv")
+    rows = [r for r in every_row if r.get("loss") is not None]  # a row after an empty window has no loss
+    evals = [r for r in every_row if r.get("eval_loss") is not None]
     summary = {
-        "step": rows[-1]["step"] if rows else 0,
+        "step": every_row[-1]["step"] if every_row else 0,
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -223,7 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
     skip = max(0, step * cfg.global_batch_size - _stream_start(run_dir)) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     clock = _RunClock(cfg, device, float(state.get("elapsed_s", 0.0)))  # a resumed run keeps its schedule
     report = _Reporter(cfg, config, module, model, tokenizer, optimizer, log, rank, state)
     window = _Window()
@@ -247,103 +251,6 @@ def train_loop_per_worker(config: dict) -> None:
         report(step, lr_at(step, elapsed, cfg), window, elapsed, is_last=True)
     if log is not None:
         log.close()
-
-
-def train_step(
-    module, optimizer, micro_batches, *, lr: float, max_grad_norm: float, autocast=nullcontext
-) -> dict:
-    """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs only on the last one)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    totals, tokens = [], 0  # per micro-batch: loss × predicted, correct, predicted (on the device: no sync)
-    for i, batch in enumerate(micro_batches):
-        batch = trim_padding(batch)
-        is_last = i == len(micro_batches) - 1
-        sync = nullcontext() if is_last or not hasattr(module, "no_sync") else module.no_sync()
-        with sync:
-            with autocast():
-                loss, correct, predicted = module(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"]
-                )
-            (loss / len(micro_batches)).backward()
-        tokens += batch["tokens"]
-        predicted = predicted.double()
-        totals.append(torch.stack([loss.detach().double() * predicted, correct.double(), predicted]))
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sums = torch.stack(totals).sum(0).cpu()  # the step's one device → host copy (with grad_norm's)
-    return {
-        "totals": torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]),
-        "grad_norm": float(grad_norm),
-    }
-
-
-def trim_padding(batch: dict) -> dict:
-    """Cut the micro-batch to its longest row (no compute on all-pad columns); drop an all-ones attention mask."""
-    mask = batch["attention_mask"]
-    lengths = mask.sum(dim=1)  # (B,)
-    width = int(lengths.max())
-    tokens = int(lengths.sum())
-    full = tokens == mask.shape[0] * width  # packed rows: SDPA's fast path without a mask
-    return {
-        "input_ids": batch["input_ids"][:, :width].long(),
-        "attention_mask": None if full else mask[:, :width].long(),
-        "labels": batch["labels"][:, :width].long(),
-        "tokens": tokens,
-    }
-
-
-def lr_at(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
-    """Linear warmup to learning_rate, then linear decay to 0 at the end of the time budget (if set) or max_steps."""
-    share = WARMUP_SHARE if cfg.warmup_steps < 0 else 0.0
-    if cfg.time_budget_min > 0:
-        done = elapsed_s / (60 * cfg.time_budget_min)
-        warm = done / share if share else (step + 1) / max(cfg.warmup_steps, 1)
-        decay = (1 - done) / (1 - share)
-    else:
-        warmup = math.ceil(share * cfg.max_steps) if share else cfg.warmup_steps
-        warm = (step + 1) / max(warmup, 1)
-        decay = (cfg.max_steps - step) / max(1, cfg.max_steps - warmup)
-    return cfg.learning_rate * max(0.0, min(1.0, warm, decay))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm; fused kernel where the device has one."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # no fused AdamW for this device/dtype
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6)
-
-
-def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int = 32) -> dict:
-    """MLM loss and masked-token accuracy over this rank's valid shard, summed over all ranks."""
-    import ray.train
-
-    module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
-    core = getattr(module, "module", module)  # eval without DDP: no gradient sync needed
-    with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
-            batch_size=batch_size, device=device
-        ):
-            batch = trim_padding(batch)
-            with autocast():
-                loss, correct, predicted = core(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            totals += torch.tensor(
-                [loss.item() * predicted.item(), correct.item(), predicted.item()], dtype=torch.float64
-            )
-    module.train()
-    totals = _all_reduce(totals, device)
-    return {
-        "eval_loss": totals[0].item() / max(totals[2].item(), 1),
-        "eval_accuracy": totals[1].item() / max(totals[2].item(), 1),
-    }
 
 
 class _Window:
@@ -373,7 +280,7 @@ class _RunClock:
     def elapsed(self) -> float:
         elapsed = time.perf_counter() - self.start
         if self.budget_s > 0:  # ranks must stop at the same step: take the slowest rank's clock
-            elapsed = _all_reduce(torch.tensor([elapsed], dtype=torch.float64), self.device, "max")[0].item()
+            elapsed = all_reduce(torch.tensor([elapsed], dtype=torch.float64), self.device, "max")[0].item()
         return elapsed
 
     def is_over(self, elapsed: float) -> bool:
@@ -394,7 +301,7 @@ class _Reporter:
         import ray.train
 
         cfg = self.cfg
-        totals = _all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
+        totals = all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
         self.tokens += totals[3].item()
         predicted = max(totals[2].item(), 1)
         metrics = {
@@ -408,7 +315,7 @@ class _Reporter:
             "elapsed_s": elapsed,
         }
         if self.config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
-            metrics.update(evaluate(self.module, self.device, _autocast(self.device), cfg.micro_batch_size))
+            metrics.update(evaluate(self.module, self.device, autocast_for(self.device), cfg.micro_batch_size))
         if self.log is not None:
             self.log.write(metrics)
         self.rows += 1
@@ -472,19 +379,3 @@ def _worker_file(run_dir: Path, rank: int) -> Path:
     )  # pid and host of each rank: for operators (and the tests)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    return nullcontext  # fp32 on CPU
-
-
-def _all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    reduced = values.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return reduced.to("cpu", torch.float64)

@@ -131,6 +131,7 @@ def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
         "invalid_json": '{"text": "閉じていない'.encode(),
         "missing_field": json.dumps({"body": "本文です。"}, ensure_ascii=False).encode(),
         "not_text": b'{"text": 42}',
+        "invalid_unicode": b'{"text": "\\ud800\xe5\xa3\x8a\xe3\x82\x8c\xe3\x81\x9f"}',  # a lone surrogate escape
         "empty": b'{"text": "   "}',
         "no_japanese": b'{"text": "This record is only English text."}',
         # a 5 MB single line (1.75M characters, over the 1M-character limit)
@@ -166,7 +167,7 @@ def test_planted_bad_records_are_counted_and_kept_in_rejects(
     assert all(set(r) == {"record_id", "reason", "record"} and len(r["record"]) <= 2000 for r in rejects)
     assert {r["record_id"] for r in rejects if r["reason"] == "binary"} >= {"c.txt:1"}
     docs = {row["doc_id"]: row for row in read_split(out)}
-    assert "a.jsonl:108" in docs  # the record with an escaped NUL is kept, the NUL turned into a space
+    assert "a.jsonl:109" in docs  # the record with an escaped NUL is kept, the NUL turned into a space
     assert docs["b.txt:1"] and "b.txt:2" not in docs
     assert {r["record_id"] for r in rejects if r["reason"] == "unreadable"} == {"d.jsonl.gz:1"}
 

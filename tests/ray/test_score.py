@@ -16,7 +16,7 @@ from tests.conftest import REPO, read_sample
 pytestmark = pytest.mark.ray
 
 GOOD = 40
-BAD_LINES = [b'{"text": "broken', b'{"text": ""}', b'{"no_text": 1}', b'{"text": 7}']
+BAD_LINES = [b'{"text": "broken', b'{"text": ""}', b'{"no_text": 1}', b'{"text": 7}', b'{"text": "\\ud800\xe6\x97\xa5"}']
 MASKED_TEXT = "セルに[MASK]を入力します。"
 
 
@@ -52,7 +52,7 @@ def test_every_row_exactly_once_with_errors_kept(scored, corpus):
     rows = read_parts(scored)
     assert sorted(rows["id"]) == sorted(expected_ids(corpus)) and len(rows["id"]) == len(set(rows["id"]))
     errors = sorted(e for e in rows["error"] if e)
-    assert errors == sorted(["invalid_json", "empty", "missing_field", "not_text"])
+    assert errors == sorted(["invalid_json", "empty", "missing_field", "not_text", "invalid_unicode"])
     summary = json.loads((scored / "summary.json").read_text())
     assert summary["rows_in"] == GOOD + 1 + len(BAD_LINES) and summary["rows_with_error"] == len(BAD_LINES)
     assert (scored / "pll_per_token.png").stat().st_size > 1000

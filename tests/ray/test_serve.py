@@ -169,6 +169,8 @@ BAD_REQUESTS = [
     ("score", {"texts": ["東京"], "method": "bogus"}, 422, "method: Input should be"),
     ("score", {"texts": [""]}, 422, "text 0 is empty"),
     ("score", {"texts": "東京"}, 422, "texts: Input should be a valid list"),
+    ("score", '{"texts": ["東京", "\\ud800です"]}', 422, "text 1: invalid Unicode"),  # valid JSON, not UTF-8
+    ("fill-mask", '{"text": "[MASK]\\udc00"}', 422, "text 0: invalid Unicode"),
 ]
 
 

@@ -15,6 +15,9 @@ LINE_CASES = [  # (line, format, expected (record id, text, reason))
     (b'["text"]', "jsonl", (None, '["text"]', T.REJECT_MISSING_FIELD)),
     (b'{"text": 42}', "jsonl", (None, '{"text": 42}', T.REJECT_NOT_TEXT)),
     ("一行一文書".encode(), "txt", (None, "一行一文書", "")),
+    # JSON allows a lone surrogate escape; the record is rejected whole, its line kept as written
+    (b'{"text": "\\ud800\xe6\x97\xa5"}', "jsonl", (None, '{"text": "\\ud800日"}', T.REJECT_INVALID_UNICODE)),
+    (b'{"text": "ok", "id": "\\udfff"}', "jsonl", (None, '{"text": "ok", "id": "\\udfff"}', T.REJECT_INVALID_UNICODE)),
 ]
 
 

@@ -18,7 +18,8 @@ from jbert_ray.model import (
     resolve_model_config,
 )
 from jbert_ray.tokenizer import JapaneseTokenizer
-from jbert_ray.train import PretrainConfig, lr_at, make_optimizer, train_step
+from jbert_ray.train import PretrainConfig
+from jbert_ray.train_step import lr_at, make_optimizer, train_step
 from jbert_ray.train_state import load_train_state, plan_stream, save_train_state
 
 VOCAB = 300

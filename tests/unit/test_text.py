@@ -13,6 +13,7 @@ CLEAN_CASES = [  # (raw record, cleaned text, reject reason)
     ("   \t  ", "", T.REJECT_EMPTY),
     ("only English text", "", T.REJECT_NO_JAPANESE),
     ("\x00\x01\x02\x03バイナリ", "", T.REJECT_BINARY),
+    ("東京\ud800です。", "", T.REJECT_INVALID_UNICODE),  # a lone surrogate: no UTF-8 writer takes it
 ]
 
 

@@ -79,6 +79,12 @@ def test_text_after_nul_is_kept(tokenizer):
     assert tokenizer.decode(tokenizer.encode("a\x00b").ids) == "ab"
 
 
+def test_a_lone_surrogate_becomes_unk_instead_of_crashing_mecab(tokenizer):
+    encoding = tokenizer.encode("東京\ud800です。")
+    assert tokenizer.unk_token_id in encoding.ids
+    assert encoding == tokenizer.encode("東京\ufffdです。")
+
+
 def test_one_megabyte_line_encodes(tokenizer):
     text = "東京は日本の首都です。" * 100_000
     encoding = tokenizer.encode(text)

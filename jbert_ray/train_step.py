@@ -1,0 +1,131 @@
+"""One rank's step math: the optimizer step over accumulated micro-batches, the learning-rate schedule, AdamW,
+valid-set evaluation, and the device helpers (bf16 autocast, all-reduce) they share. Ray appears only where
+evaluation reads its dataset shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from jbert_ray.train import PretrainConfig
+
+WARMUP_SHARE = 0.06  # of the run (steps or budget) spent warming up when --warmup-steps is -1 (RoBERTa)
+
+
+def train_step(
+    module, optimizer, micro_batches, *, lr: float, max_grad_norm: float, autocast=nullcontext
+) -> dict:
+    """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs only on the last one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    totals, tokens = [], 0  # per micro-batch: loss × predicted, correct, predicted (on the device: no sync)
+    for i, batch in enumerate(micro_batches):
+        batch = trim_padding(batch)
+        is_last = i == len(micro_batches) - 1
+        sync = nullcontext() if is_last or not hasattr(module, "no_sync") else module.no_sync()
+        with sync:
+            with autocast():
+                loss, correct, predicted = module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"]
+                )
+            (loss / len(micro_batches)).backward()
+        tokens += batch["tokens"]
+        predicted = predicted.double()
+        totals.append(torch.stack([loss.detach().double() * predicted, correct.double(), predicted]))
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.stack(totals).sum(0).cpu()  # the step's one device → host copy (with grad_norm's)
+    return {
+        "totals": torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]),
+        "grad_norm": float(grad_norm),
+    }
+
+
+def trim_padding(batch: dict) -> dict:
+    """Cut the micro-batch to its longest row (no compute on all-pad columns); drop an all-ones attention mask."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1)  # (B,)
+    width = int(lengths.max())
+    tokens = int(lengths.sum())
+    full = tokens == mask.shape[0] * width  # packed rows: SDPA's fast path without a mask
+    return {
+        "input_ids": batch["input_ids"][:, :width].long(),
+        "attention_mask": None if full else mask[:, :width].long(),
+        "labels": batch["labels"][:, :width].long(),
+        "tokens": tokens,
+    }
+
+
+def lr_at(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
+    """Linear warmup to learning_rate, then linear decay to 0 at the end of the time budget (if set) or max_steps."""
+    share = WARMUP_SHARE if cfg.warmup_steps < 0 else 0.0
+    if cfg.time_budget_min > 0:
+        done = elapsed_s / (60 * cfg.time_budget_min)
+        warm = done / share if share else (step + 1) / max(cfg.warmup_steps, 1)
+        decay = (1 - done) / (1 - share)
+    else:
+        warmup = math.ceil(share * cfg.max_steps) if share else cfg.warmup_steps
+        warm = (step + 1) / max(warmup, 1)
+        decay = (cfg.max_steps - step) / max(1, cfg.max_steps - warmup)
+    return cfg.learning_rate * max(0.0, min(1.0, warm, decay))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm; fused kernel where the device has one."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused AdamW for this device/dtype
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+
+
+def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int = 32) -> dict:
+    """MLM loss and masked-token accuracy over this rank's valid shard, summed over all ranks."""
+    import ray.train
+
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    core = getattr(module, "module", module)  # eval without DDP: no gradient sync needed
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
+            batch_size=batch_size, device=device
+        ):
+            batch = trim_padding(batch)
+            with autocast():
+                loss, correct, predicted = core(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            totals += torch.tensor(
+                [loss.item() * predicted.item(), correct.item(), predicted.item()], dtype=torch.float64
+            )
+    module.train()
+    totals = all_reduce(totals, device)
+    return {
+        "eval_loss": totals[0].item() / max(totals[2].item(), 1),
+        "eval_accuracy": totals[1].item() / max(totals[2].item(), 1),
+    }
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return nullcontext  # fp32 on CPU
+
+
+def all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    reduced = values.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return reduced.to("cpu", torch.float64)
