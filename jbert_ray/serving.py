@@ -67,6 +67,7 @@ class ServeArgs(BaseModel):
     max_tokens: int = Field(0, ge=0)  # per text incl. [CLS]/[SEP]; 0 = the model's max length (no windows)
     max_masks: int = Field(8, ge=1)  # [MASK]s per fill-mask text
     max_top_k: int = Field(50, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1)  # larger request bodies get 413 before they are read
     api_token: str = Field(default_factory=lambda: os.environ.get(API_TOKEN_ENV, ""), repr=False)
 
 
@@ -100,9 +101,23 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as `model`, whatever the Content-Type (`curl -d` sends form-urlencoded); 400/422 if not."""
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed `limit` bytes (never read whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked uploads declare no length: count as they arrive
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """The JSON body as `model`, whatever the Content-Type (`curl -d` sends form-urlencoded); 4xx if not."""
+    raw = await _read_body(request, max_bytes)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -180,7 +195,7 @@ class FillMaskDeployment:
     async def info(self, authorization: str | None = Header(None)) -> dict:
         self._authorize(authorization)
         context = serve.get_replica_context()
-        limits = ("max_texts", "max_text_chars", "max_masks", "max_top_k")
+        limits = ("max_texts", "max_text_chars", "max_masks", "max_top_k", "max_body_bytes")
         return {
             "model_dir": self.lm.model_dir,
             "vocab_size": self.lm.vocab_size,
@@ -209,7 +224,7 @@ class FillMaskDeployment:
     async def fill_mask(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """For every [MASK] of every text: the top_k tokens with probabilities."""
         self._authorize(authorization)
-        body = await _parse(request, FillMaskRequest)
+        body = await _parse(request, FillMaskRequest, self.args.max_body_bytes)
         if not 1 <= body.top_k <= self.args.max_top_k:
             raise ApiError(422, f"top_k must be between 1 and {self.args.max_top_k}, not {body.top_k}")
         texts = self._texts(body.text, body.texts, check=self._check_fill_mask_text)
@@ -220,7 +235,7 @@ class FillMaskDeployment:
     async def score(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """Pseudo-log-likelihood of each text, with per-token values."""
         self._authorize(authorization)
-        body = await _parse(request, ScoreRequest)
+        body = await _parse(request, ScoreRequest, self.args.max_body_bytes)
         texts = self._texts(body.text, body.texts, check=self._check_length)
         answers = await asyncio.gather(*(self._score_batch((text, body.method)) for text in texts))
         return _batched_response("scores", answers)

@@ -174,6 +174,13 @@ BAD_REQUESTS = [
 ]
 
 
+def test_a_body_over_the_byte_limit_is_refused_with_413_and_the_service_still_answers(serve_url):
+    huge = json.dumps({"texts": ["猫[MASK]"], "padding": "x" * (2 << 20)})  # 2 MiB, over the 1 MiB default
+    response = post(f"{serve_url}/fill-mask", huge)
+    assert response.status_code == 413 and "the limit is 1,048,576" in response.json()["error"]
+    assert post(f"{serve_url}/fill-mask", {"text": "猫[MASK]"}).status_code == 200
+
+
 @pytest.mark.parametrize("route, body, status, message", BAD_REQUESTS)
 def test_bad_input_gets_its_4xx_with_a_message(serve_url, route, body, status, message):
     response = post(f"{serve_url}/{route}", body)
