@@ -40,7 +40,7 @@ def _add_pretrain(commands) -> None:
     )
     sub.add_argument(
         "--num-workers", type=int, default=0,
-        help="Ray Train workers (DDP ranks); 0 = one per GPU with --use-gpu, else one per CPU of a node (≤ 8)",
+        help="Ray Train workers (DDP ranks); 0 = one per GPU with --use-gpu, else one per node (all its cores)",
     )
     sub.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     sub.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker; 0 = auto")

@@ -286,7 +286,9 @@ def build_train_stream(spec: dict):
     """
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = spec["show_progress"]  # runs in the controller
+    # Runs in the controller. Progress comes from the metrics rows (progress.MetricsWatcher): Ray Data's bars for
+    # this long stream would only redraw over those lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     run_dir = Path(spec["run_dir"])
     consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
     start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
@@ -334,7 +336,6 @@ def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
         "sequences_needed": _sequences_needed(cfg, shards),
         "seed": cfg.seed,
         "data_cpus": cfg.data_cpus,
-        "show_progress": cfg.show_progress,
         "mask_kwargs": {
             "vocab_size": tokenizer.vocab_size,
             "special_ids": sorted(tokenizer.special_ids),
