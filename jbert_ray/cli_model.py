@@ -64,7 +64,11 @@ def _add_pretrain(commands) -> None:
     )
     sub.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     sub.add_argument("--mask-prob", type=float, default=0.15, help="fraction of words selected for prediction")
-    sub.add_argument("--token-masking", action="store_true", help="select tokens instead of whole MeCab words")
+    sub.add_argument(
+        "--masking", default="token", choices=["token", "whole-word"],
+        help="select tokens (BERT, RoBERTa, ModernBERT), or whole MeCab words with all their pieces (Tohoku's BERTs)",
+    )
+    sub.add_argument("--token-masking", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     sub.add_argument("--seed", type=int, default=0, help="initialization, dropout, masks and data order")
     sub.add_argument("--log-every", type=int, default=10, help="steps between metric rows")
     sub.add_argument("--eval-every", type=int, default=200, help="steps between evaluations on valid/")
@@ -79,7 +83,8 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     from jbert_ray.train import PretrainConfig, run_pretraining
 
     try:
-        masking = MaskingConfig(mask_prob=args.mask_prob, whole_word=not args.token_masking)
+        whole_word = args.masking == "whole-word" and not args.token_masking
+        masking = MaskingConfig(mask_prob=args.mask_prob, whole_word=whole_word)
     except ValueError as error:
         raise UserError(str(error)) from None
     config = PretrainConfig(

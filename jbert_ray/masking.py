@@ -23,7 +23,7 @@ class MaskingConfig:
     replace_with_random: float = (
         0.1  # of selected: replaced by a random non-special token; the rest unchanged
     )
-    whole_word: bool = True  # select MeCab words and mask all their WordPieces together
+    whole_word: bool = False  # select MeCab words and mask their pieces together (Tohoku); tokens for short budgets
 
     def __post_init__(self):
         if not 0.0 <= self.mask_prob <= 1.0:

@@ -256,8 +256,10 @@ def train_loop_per_worker(config: dict) -> None:
         micro = [b for _, b in zip(range(accumulate), batches)]
         if len(micro) < accumulate:  # stream exhausted; equal splits make every rank stop together
             break
-        if not window.steps and not report.rows:
-            window.reset()  # tokens_per_s leaves out the stream's start-up (and the skip after a resume)
+        if not window.steps and not report.rows:  # the first batch is here: the stream's start-up (and the
+            window.reset()  # skip after a resume) counts neither in tokens_per_s nor in the time budget
+            clock.start()
+            elapsed = clock.elapsed()
         lr = lr_at(step, elapsed, cfg)
         window.add(
             train_step(module, optimizer, micro, lr=lr, max_grad_norm=cfg.max_grad_norm, autocast=autocast)
@@ -295,10 +297,14 @@ class _RunClock:
     def __init__(self, cfg: PretrainConfig, device: torch.device, elapsed_before: float):
         self.budget_s = 60 * cfg.time_budget_min
         self.device = device
-        self.start = time.perf_counter() - elapsed_before
+        self.elapsed_before = elapsed_before
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
 
     def elapsed(self) -> float:
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.elapsed_before + time.perf_counter() - self.started
         if self.budget_s > 0:  # ranks must stop at the same step: take the slowest rank's clock
             elapsed = all_reduce(torch.tensor([elapsed], dtype=torch.float64), self.device, "max")[0].item()
         return elapsed
@@ -379,14 +385,22 @@ def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir:
 
 
 def _train_batches(cfg: PretrainConfig, device, skip_batches: int):
-    """This rank's masked micro-batches, after skipping the ones consumed before the last checkpoint."""
+    """This rank's masked micro-batches, after skipping the ones consumed before the last checkpoint.
+
+    Under a time budget a run that outruns the planned stream reads it again (every rank at once: equal splits).
+    """
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=cfg.micro_batch_size, drop_last=True, device=device)
-    for index, batch in enumerate(batches):
-        if index >= skip_batches:
-            yield batch
+    index = 0
+    while True:
+        passed = index
+        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch_size, drop_last=True, device=device):
+            if index >= skip_batches:
+                yield batch
+            index += 1
+        if cfg.time_budget_min <= 0 or index == passed:  # by steps the plan is exact; an empty pass ends it
+            return
 
 
 def _stream_start(run_dir: Path) -> int:

@@ -24,12 +24,13 @@ STATE_FILE = "train_state.json"
 PROGRESS_FILE = "progress.json"  # run dir: step of the latest persisted checkpoint (read by the data stream)
 STREAM_FILE = "stream.json"  # run dir: where the current input stream starts (written by the data stream)
 METRICS_FILE = "metrics.csv"
-# Under a time budget the stream is planned for an upper bound of the training rate (sequences/s per worker:
-# far above what we measured, 13/s per CPU worker for H256 L4 and ~1,000/s for the tiny preset), at most
-# MAX_STREAM_EPOCHS epochs of the shards; a run that exhausts it stops early with a final checkpoint.
-BUDGET_SEQUENCES_PER_S_CPU = 4096
+# Under a time budget the stream is planned for an upper bound of the training rate (sequences/s per worker;
+# we measured 23/s for the mini preset on 2 CPU threads), and at most BUDGET_STREAM_EPOCHS epochs: each epoch is
+# one read_parquet in a union, and Ray Data's executor cost grows with them (20 epochs: 110 s to the first batch,
+# 0.67 CPU-s per second of training). A run that outruns the plan re-reads it (the same masks again).
+BUDGET_SEQUENCES_PER_S_CPU = 256
 BUDGET_SEQUENCES_PER_S_GPU = 65_536
-MAX_STREAM_EPOCHS = 1000
+BUDGET_STREAM_EPOCHS = 3
 METRIC_COLUMNS = (
     "step",
     "loss",
@@ -277,7 +278,7 @@ def plan_stream(
 
 
 def build_train_stream(spec: dict):
-    """The training input: epochs of shards (file order reshuffled per epoch), masked, from the saved position.
+    """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
 
     Called by Ray Train at every worker-group start, so after a failure the stream restarts where the latest
     checkpoint left off (to the file; workers skip the rest of the way) instead of at the corpus start.
@@ -293,24 +294,15 @@ def build_train_stream(spec: dict):
     consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
     start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
     write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
-    # One item per (epoch, file), read and masked lazily: a plan of hundreds of epochs costs nothing up front
-    # (a union of one read_parquet per epoch took minutes to build for 200 epochs).
-    items = [{"epoch": epoch, "path": spec["files"][i]} for epoch, order in epochs for i in order]
-    return ray.data.from_items(items, override_num_blocks=min(len(items), 256)).map_batches(
-        read_and_mask_files, batch_size=1, fn_kwargs=spec["mask_kwargs"], num_cpus=spec["data_cpus"]
-    )
-
-
-def read_and_mask_files(items: dict[str, np.ndarray], **mask_kwargs) -> dict[str, np.ndarray]:
-    """Ray Data stage: read the shard files named in `items` and mask each with a fresh draw for its epoch."""
-    import pyarrow.parquet as pq
-
-    parts = []
-    for epoch, path in zip(items["epoch"], items["path"]):
-        table = pq.read_table(str(path), columns=["input_ids", "word_start"])
-        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("input_ids", "word_start")}
-        parts.append(mask_batch(rows, **mask_kwargs, epoch=int(epoch)))
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    parts = [
+        ray.data.read_parquet(
+            [spec["files"][i] for i in order], columns=["input_ids", "word_start"]
+        ).map_batches(
+            mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"]
+        )
+        for epoch, order in epochs
+    ]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def build_valid_stream(spec: dict):
@@ -355,7 +347,7 @@ def _sequences_needed(cfg, shards: ShardInfo) -> int:
     if cfg.time_budget_min <= 0:
         return by_steps
     per_second = cfg.num_workers * (BUDGET_SEQUENCES_PER_S_GPU if cfg.use_gpu else BUDGET_SEQUENCES_PER_S_CPU)
-    by_budget = min(math.ceil(60 * cfg.time_budget_min * per_second), MAX_STREAM_EPOCHS * shards.train_rows)
+    by_budget = min(math.ceil(60 * cfg.time_budget_min * per_second), BUDGET_STREAM_EPOCHS * shards.train_rows)
     return min(by_steps, by_budget) if cfg.max_steps else by_budget
 
 

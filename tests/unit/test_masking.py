@@ -27,6 +27,8 @@ def random_batch(rng, batch=256, seq=64):
 
 
 def draw(ids, starts, seed=0, **config):
+    """Whole-word masking unless the test says otherwise (token masking is the pretraining default)."""
+    config = {"whole_word": True, **config}
     return mask_tokens(
         ids,
         starts,
