@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -116,8 +117,6 @@ def train_ours(work: Path, label: str, shards_dir: Path, minutes: float, flags: 
     if "--model-config" not in flags:
         command += ["--model-config", str(dims)]
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     _jbert(*command, *flags)
