@@ -90,7 +90,8 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     config = PretrainConfig(
         data_dir=args.data, output_dir=args.out, model_config=args.model_config, arch=args.arch,
         init_from=args.init_from, num_workers=args.num_workers, use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker, time_budget_min=args.time_budget, max_steps=args.max_steps, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        cpus_per_worker=args.cpus_per_worker, time_budget_min=args.time_budget, max_steps=args.max_steps,
+        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         masking=masking, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
