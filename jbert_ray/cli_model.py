@@ -27,7 +27,7 @@ def _add_pretrain(commands) -> None:
     sub.add_argument("--data", required=True, metavar="SHARDS_DIR", help="output of `jbert preprocess`")
     sub.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, model/, metrics)")
     sub.add_argument(
-        "--model-config", default="tiny", metavar="tiny|small|base|CONFIG.json",
+        "--model-config", default="tiny", metavar="tiny|mini|small|base|CONFIG.json",
         help="size preset, or a JSON file of ModelConfig fields or an HF BertConfig/ModernBertConfig",
     )
     sub.add_argument(

@@ -49,7 +49,7 @@ DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps n
 class PretrainConfig:
     data_dir: str  # shards directory (manifest.json, train/, valid/, tokenizer/)
     output_dir: str  # run dir: checkpoints/, model/, metrics.csv, tensorboard/, curves.png, results.json
-    model_config: str = "tiny"  # size preset (tiny, small, base) or a JSON file (ModelConfig fields or an HF config)
+    model_config: str = "tiny"  # size preset (tiny, mini, small, base) or a JSON file (our fields or an HF config)
     arch: str = "modernbert"  # modernbert (pre-LN, RoPE, GeGLU) or bert; an HF config JSON or --init-from decides
     init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
     num_workers: int = 0  # Ray Train workers (DDP ranks); 0 = one per GPU, or one per CPU node
