@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
 from jbert_ray.tokenizer import JapaneseTokenizer
+from jbert_ray.train_state import read_metrics
 
 CORPUS = REPO.parent / "shared" / "corpus"
 DIMS = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
@@ -121,7 +122,7 @@ def train_ours(work: Path, label: str, shards_dir: Path, minutes: float, flags: 
     started = time.perf_counter()
     _jbert(*command, *flags)
     wall = time.perf_counter() - started
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv")
     curve = [(r["tokens"], r["loss"]) for r in rows if r.get("tokens") and r.get("loss")]
     return {"model_dir": str(run_dir / "model"), "steps": int(rows[-1]["step"]), "tokens": rows[-1]["tokens"],
             "train_s": rows[-1]["elapsed_s"], "wall_s": wall, "curve": curve}
@@ -264,12 +265,6 @@ def _jbert(*args: str, log: Path = Path("/tmp/jbert_quality.log")) -> None:
         result = subprocess.run(command, stdout=sys.stdout, stderr=stderr, check=False)
     if result.returncode:
         sys.exit(f"jbert {args[0]} failed (exit {result.returncode}); see {log}")
-
-
-def _read_csv(path: Path) -> list[dict]:
-    from jbert_ray.train_state import read_metrics
-
-    return read_metrics(path)
 
 
 if __name__ == "__main__":

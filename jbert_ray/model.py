@@ -84,12 +84,9 @@ def hf_config_dict(config: ModelConfig | dict, arch: str, vocab_size: int, speci
     `special_ids` maps pad/cls/sep to the tokenizer's ids (ModernBERT's defaults are those of its own vocab).
     An HF dict keeps its own model_type; `arch` only applies to a ModelConfig.
     """
-    from transformers import AutoConfig
-
     ids = {f"{name}_token_id": value for name, value in special_ids.items()}
     if isinstance(config, dict):
-        values = {k: v for k, v in config.items() if k != "model_type"}
-        return AutoConfig.for_model(config["model_type"], **{**values, "vocab_size": vocab_size, **ids}).to_dict()
+        return _hf_config({**config, "vocab_size": vocab_size, **ids}).to_dict()
     if arch not in ARCHS:
         raise UserError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
     shared = dict(
@@ -109,16 +106,21 @@ def hf_config_dict(config: ModelConfig | dict, arch: str, vocab_size: int, speci
             embedding_dropout=config.dropout, mlp_dropout=config.dropout, attention_dropout=config.dropout,
             bos_token_id=ids.get("cls_token_id"), eos_token_id=ids.get("sep_token_id"),
         )
-    return AutoConfig.for_model(arch, **shared, **dropout).to_dict()
+    return _hf_config({"model_type": arch, **shared, **dropout}).to_dict()
 
 
 def build_model(hf_config: dict):
     """A freshly initialized masked LM (`BertForMaskedLM` or `ModernBertForMaskedLM`, SDPA) from an HF config dict."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
-    values = {k: v for k, v in hf_config.items() if k != "model_type"}
-    config = AutoConfig.for_model(hf_config["model_type"], **values)
-    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    return AutoModelForMaskedLM.from_config(_hf_config(hf_config), attn_implementation="sdpa")
+
+
+def _hf_config(values: dict):
+    """The transformers config object of an HF config dict (its model_type picks the class)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(values["model_type"], **{k: v for k, v in values.items() if k != "model_type"})
 
 
 def encoder_and_head(mlm: nn.Module):
