@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jbert_ray.serving import free_port  # after the path set-up that lets the bench run in place
+
 SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
 TRAIN_CORPUS = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
 QUIET_LOGS = {"enable_access_log": False, "log_level": "WARNING"}
@@ -470,12 +473,6 @@ def has_fast_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:

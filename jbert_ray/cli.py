@@ -1,4 +1,4 @@
-"""`jbert` command line: turns flags into the config dataclasses and calls one `run_*` function per command.
+"""`jbert` command line: flags generated from the config classes (config_flags), one `run_*` function per command.
 
 The jobs/ entrypoints (`ray job submit -- python -m jobs.<name>`) call this same `main`, so a cluster run and a
 laptop run take the same flags. A user mistake prints one line and exits 2; a bug keeps its traceback.
@@ -18,11 +18,12 @@ EXIT_USER_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command, return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         args.handler(args)
-    except Exception as error:  # noqa: BLE001 — only user errors are turned into one line
+    except Exception as error:  # only user errors are turned into one line; the rest re-raise
         user_error = _find_user_error(error)
         if user_error is None:
             raise
@@ -31,16 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `jbert` parser: one subcommand per stage (cli_data: corpus side; cli_model: model side)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `jbert` parser: one subcommand per stage (cli_data: corpus side; cli_model: model side), with the flags
+    of `command` (generated from its config class)."""
     parser = argparse.ArgumentParser(
         prog="jbert",
         description="Pretrain, score and serve Japanese BERT models on Ray.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_data_commands(commands)
-    add_model_commands(commands)
+    add_data_commands(commands, command)
+    add_model_commands(commands, command)
     return parser
 
 

@@ -4,58 +4,59 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
-CORPUS_HELP = "file, folder or glob of .jsonl/.txt/.parquet (optionally .gz); local path or s3://, gs://, hdfs://"
 
-
-def add_command(commands, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows its defaults; `handler(args)` runs it."""
+def add_command(
+    commands, selected: str | None, name: str, help: str, add_flags: Callable, handler: Callable
+) -> None:
+    """A subcommand whose --help shows its defaults; `handler(args)` runs it. Its flags are added only when it is
+    the command being run (`selected`): they come from config classes whose modules import torch or Ray, which
+    `jbert --help` should not wait for."""
     sub = commands.add_parser(
         name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     sub.set_defaults(handler=handler)
-    return sub
+    if selected == name:
+        add_flags(sub)
 
 
-def add_ray_flags(sub: argparse.ArgumentParser) -> None:
-    """--num-cpus for the local Ray a standalone run starts, and --no-progress."""
+def add_ray_flags(sub: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--num-cpus for the local Ray a standalone run starts, --verbose, and --no-progress for long work."""
     sub.add_argument(
-        "--num-cpus", type=int, default=None,
-        help="CPUs of the local Ray started when not under `ray job submit` (default: all)",
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray a standalone run starts (not under `ray job submit`); None = all",
     )
-    sub.add_argument("--no-progress", action="store_true", help="hide progress bars and progress lines")
-
-
-def add_corpus_flags(sub: argparse.ArgumentParser) -> None:
-    """The corpus flags `jbert vocab` and `jbert preprocess` share (the same readers and cleaning)."""
+    if progress:
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars and progress lines")
     sub.add_argument(
-        "--input", required=True, metavar="CORPUS",
-        help=CORPUS_HELP,
-    )
-    sub.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
-    sub.add_argument(
-        "--normalization", default="NFKC", choices=["NFKC", "NFC", "none"], help="Unicode normalization"
-    )
-    sub.add_argument(
-        "--keep-non-japanese", action="store_true",
-        help="keep records without kana or kanji (rejected as no_japanese by default)",
+        "--verbose",
+        action="store_true",
+        help="also show the logs of Ray's workers and system actors (otherwise only in Ray's log directory)",
     )
 
 
-def init_ray(num_cpus: int | None = None, show_progress: bool = True) -> None:
-    """Connect to the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
+def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: bool = False) -> None:
+    """Connect to the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray.
+
+    Workers' and system actors' logs stay in Ray's log directory unless `verbose`: our own progress lines and
+    summaries are what a user reads, and errors still reach the driver as exceptions. Ray Data's bars are drawn
+    only on a terminal (redirected to a file they are pages of escape codes)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray.data
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(log_to_driver=verbose)
         else:
             # address="local": never attach by accident to a cluster some `ray start` left on this machine.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = show_progress
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                     log_to_driver=verbose)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = show_progress and sys.stderr.isatty()
 
 
 def by_reason(counts: dict[str, int]) -> str:

@@ -13,6 +13,7 @@ import fnmatch
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -44,7 +45,14 @@ def corpus_format(path: str) -> str:
     return "parquet" if name.endswith(".parquet") else "txt"
 
 
-def resolve_paths(corpus: str) -> tuple[list[str], pa.fs.FileSystem]:
+class CorpusFiles(NamedTuple):
+    """A corpus listed once (listing is costly on object stores): its sorted files and their filesystem."""
+
+    paths: list[str]
+    filesystem: pa.fs.FileSystem
+
+
+def resolve_paths(corpus: str) -> CorpusFiles:
     """Expand a file, folder or glob (local or URI) into a sorted file list; fail clearly if there is none."""
     import pyarrow.fs as pafs
 
@@ -61,7 +69,7 @@ def resolve_paths(corpus: str) -> tuple[list[str], pa.fs.FileSystem]:
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"corpus not found: {corpus}")
     if info.type == pafs.FileType.File:
-        return [base_path], filesystem
+        return CorpusFiles([base_path], filesystem)
     selector = pafs.FileSelector(base_path, recursive=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.type == pafs.FileType.File]
     files = [f for f in files if not Path(f).name.startswith((".", "_"))]
@@ -72,11 +80,11 @@ def resolve_paths(corpus: str) -> tuple[list[str], pa.fs.FileSystem]:
         files = [f for f in files if any(s in f.lower() for s in _KNOWN_SUFFIXES)]
     if not files:
         raise UserError(f"no corpus files (.jsonl, .txt, .parquet) found at {corpus}")
-    return sorted(files), filesystem
+    return CorpusFiles(sorted(files), filesystem)
 
 
 def read_corpus(
-    corpus: str,
+    corpus: str | CorpusFiles,
     text_field: str = "text",
     id_field: str | None = None,
     *,
@@ -95,9 +103,14 @@ def read_corpus(
     """
     import ray.data
 
-    paths, filesystem = resolve_paths(corpus)
+    paths, filesystem = corpus if isinstance(corpus, CorpusFiles) else resolve_paths(corpus)
     source = CorpusDatasource(
-        paths, filesystem=filesystem, text_field=text_field, id_field=id_field, positions=positions, skip=skip,
+        paths,
+        filesystem=filesystem,
+        text_field=text_field,
+        id_field=id_field,
+        positions=positions,
+        skip=skip,
     )
     # A read task merges its output into blocks of up to 128 MiB (a small corpus becomes one block, which one
     # actor would then score alone); asking for a number of blocks makes Ray cut them evenly.
@@ -125,7 +138,10 @@ def estimate_rows(paths: Sequence[str], filesystem: pa.fs.FileSystem) -> int:
                 stream = pa.CompressedInputStream(raw, codec) if codec else raw
                 rows = stream.read(_READ_CHUNK_BYTES).count(b"\n")
                 used = raw.tell()  # the file bytes behind those records
-    except (OSError, pa.ArrowException):  # the reader reports unreadable files; here one block per file will do
+    except (
+        OSError,
+        pa.ArrowException,
+    ):  # the reader reports unreadable files; here one block per file will do
         return len(paths)
     return max(len(paths), round(sum(sizes) * max(rows, 1) / max(used, 1)))
 
@@ -149,7 +165,11 @@ def parse_line(line: bytes, fmt: str, text_field: str, id_field: str | None) -> 
     if not isinstance(value, str):
         return record_id, decoded, T.REJECT_NOT_TEXT
     if T.has_invalid_unicode(value) or (record_id and T.has_invalid_unicode(record_id)):
-        return None, decoded, T.REJECT_INVALID_UNICODE  # the line itself is valid UTF-8: keep it as the record
+        return (
+            None,
+            decoded,
+            T.REJECT_INVALID_UNICODE,
+        )  # the line itself is valid UTF-8: keep it as the record
     return record_id, value, ""
 
 
@@ -192,7 +212,9 @@ class CorpusDatasource(FileBasedDatasource):
         try:
             head = f.read(_SNIFF_BYTES)
             if _looks_binary(head):
-                yield _row(f"{path}:1", head[:REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1)
+                yield _row(
+                    f"{path}:1", head[:REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1
+                )
                 return
             for number, (line, whole) in enumerate(_iter_lines(f, head), start=1):
                 if not whole:
@@ -226,14 +248,28 @@ class CorpusDatasource(FileBasedDatasource):
         columns = [self.text_field] + ([self.id_field] if self.id_field else [])
         number = 0
         for batch in parquet.iter_batches(columns=columns):
-            ids = batch.column(self.id_field).to_pylist() if self.id_field else [None] * batch.num_rows
-            for value, record_id in zip(batch.column(self.text_field).to_pylist(), ids):
+            ids = _column_values(batch.column(self.id_field)) if self.id_field else [None] * batch.num_rows
+            for value, record_id in zip(_column_values(batch.column(self.text_field)), ids):
                 number += 1
+                if isinstance(record_id, bytes):
+                    record_id = record_id.decode("utf-8", "replace")
                 record_id = str(record_id) if record_id is not None else f"{path}:{number}"
-                if isinstance(value, str):
-                    yield _row(record_id, value, "", number)
-                else:
+                if not isinstance(value, bytes):
                     yield _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT, number)
+                    continue
+                try:
+                    yield _row(record_id, value.decode("utf-8"), "", number)
+                except UnicodeDecodeError:
+                    yield _row(record_id, value.decode("utf-8", "replace"), T.REJECT_INVALID_UTF8, number)
+
+
+def _column_values(column: pa.Array) -> list:
+    """A parquet column as Python values, text as bytes: a file's invalid UTF-8 becomes a reject, not a crash."""
+    if pa.types.is_string(column.type):  # parquet writers need not validate UTF-8; Arrow decodes it only here
+        column = column.cast(pa.binary())
+    elif pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())
+    return column.to_pylist()
 
 
 class _LineSkipper:

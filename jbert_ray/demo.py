@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -111,9 +110,9 @@ def _score(paths: dict[str, Path], show_progress: bool) -> None:
 def _serve_and_ask(model_dir: Path) -> None:
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app
+    from jbert_ray.serving import ServeArgs, build_app, free_port
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(ServeArgs(model_dir=str(model_dir), min_replicas=1, max_replicas=1, num_cpus=0.5)),
@@ -136,9 +135,3 @@ def _reuse(marker: Path, name: str) -> bool:
         print(f"[demo] {name}: reusing {marker.parent}")
         return True
     return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
 
 import numpy as np
+from typing_extensions import TypedDict  # pydantic reads it on Python < 3.12 (the Serve schema)
 
 from jbert_ray.errors import UserError
+from jbert_ray.text import TextConfig, clean_text
 from jbert_ray.tokenizer import Encoding, JapaneseTokenizer
 
 PLL_METHODS = ("pll", "pll-word-l2r")
@@ -31,7 +32,9 @@ class Candidate(TypedDict):
 
 class TextScore(TypedDict):
     pll: float  # sum of token_pll (natural log); 0.0 for a text without tokens
+    pll_per_token: float | None  # pll / n_tokens: comparable across lengths (None without tokens)
     n_tokens: int  # tokens scored ([CLS]/[SEP] excluded)
+    unk_rate: float  # share of [UNK] tokens: high means the vocabulary does not fit the text
     token_pll: list[float]  # log p(token | rest) per token, in text order
     tokens: list[str]  # the WordPiece pieces scored, as in the vocabulary ("##" kept)
 
@@ -109,6 +112,13 @@ class MaskedLM:
         model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
         return cls(model, tokenizer, config, model_dir=os.path.abspath(model_dir))
 
+    @staticmethod
+    def clean(text: str) -> tuple[str, str]:
+        """(the text as scored, "") or ("", why it cannot be): control characters, NFKC, empty, binary, surrogates.
+
+        Serve and the offline scorer both clean through here, so a text gets the same record either way."""
+        return clean_text(text, TextConfig(require_japanese=False))
+
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         """Token ids and word starts with [CLS]/[SEP] (NFKC and MeCab as the tokenizer directory says)."""
         return self.tokenizer.encode_batch(texts)
@@ -185,15 +195,18 @@ class MaskedLM:
             for copy_index, value in zip(copy_indices, picked):
                 text_index, j = owners[copy_index]
                 token_pll[text_index][j] = value
-        return [
-            TextScore(
-                pll=float(sum(values)),
-                n_tokens=len(values),
-                token_pll=values,
-                tokens=self.tokenizer.convert_ids_to_tokens(e.ids[1:-1]),
-            )
-            for values, e in zip(token_pll, encodings)
-        ]
+        return [self._text_score(values, e.ids[1:-1]) for values, e in zip(token_pll, encodings)]
+
+    def _text_score(self, token_pll: list[float], ids: list[int]) -> TextScore:
+        pll, n_tokens = float(sum(token_pll)), len(token_pll)
+        return TextScore(
+            pll=pll,
+            pll_per_token=pll / n_tokens if n_tokens else None,
+            n_tokens=n_tokens,
+            unk_rate=ids.count(self.tokenizer.unk_token_id) / n_tokens if n_tokens else 0.0,
+            token_pll=token_pll,
+            tokens=self.tokenizer.convert_ids_to_tokens(ids),
+        )
 
     def _score_windows(self, text_index: int, length: int) -> list[tuple[int, list[int]]]:
         """(window start, content positions scored in it): each token once, in the window where it is most central."""

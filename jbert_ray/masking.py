@@ -1,8 +1,8 @@
-"""Masked-LM input corruption as pure numpy functions: whole-word masking with BERT's 80/10/10 recipe.
+"""Masked-LM input corruption as pure numpy functions: token or whole-word masking with BERT's 80/10/10 recipe.
 
 A word is a MeCab word: a token with `word_start` True plus the continuation pieces after it (cl-tohoku's
 whole-word masking; BERT paper §3.1 for 80/10/10). Special tokens are never selected. Everything takes an explicit
-`np.random.Generator`, so the Ray Data stage, the valid set and static preprocessing draw reproducibly.
+`np.random.Generator`, so the Ray Data stage and the valid set draw reproducibly (fresh masks every epoch).
 """
 
 from __future__ import annotations
@@ -13,25 +13,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jbert_ray.errors import UserError
+
 IGNORE_INDEX = -100  # label of positions the loss skips (torch.nn.CrossEntropyLoss's default ignore_index)
 
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    mask_prob: float = 0.15  # fraction of words (tokens if not whole_word) selected for prediction (BERT)
-    replace_with_mask: float = 0.8  # of selected: replaced by [MASK]
-    replace_with_random: float = (
-        0.1  # of selected: replaced by a random non-special token; the rest unchanged
-    )
-    whole_word: bool = False  # select MeCab words and mask their pieces together (Tohoku); tokens for short budgets
+    mask_prob: float = 0.15  # share of tokens (of MeCab words with whole-word masking) to predict
+    replace_with_mask: float = 0.8  # share of those replaced by [MASK]
+    replace_with_random: float = 0.1  # share replaced by a random token; the rest stay unchanged
+    whole_word: bool = False  # mask whole MeCab words (Tohoku's recipe); tokens learn faster in short budgets
 
     def __post_init__(self):
         if not 0.0 <= self.mask_prob <= 1.0:
-            raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
+            raise UserError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")
         if self.replace_with_mask < 0 or self.replace_with_random < 0:
-            raise ValueError("replace_with_mask and replace_with_random must be >= 0")
+            raise UserError("--replace-with-mask and --replace-with-random must be ≥ 0")
         if self.replace_with_mask + self.replace_with_random > 1.0 + 1e-9:
-            raise ValueError("replace_with_mask + replace_with_random must be <= 1")
+            raise UserError("--replace-with-mask + --replace-with-random must be ≤ 1")
 
 
 def mask_tokens(

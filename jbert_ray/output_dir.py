@@ -1,7 +1,10 @@
-"""Checks on an output directory before any work starts: writable, and not silently overwritten."""
+"""Output directories: checked before any work starts (writable, never silently overwritten); JSON files in them
+read leniently and written atomically."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,3 +28,19 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, allow_existing
     except OSError as error:
         raise UserError(f"cannot write to output {path}: {error.strerror or error}") from None
     return path
+
+
+def read_json(path: Path, default=None):
+    """The parsed file, or `default` if it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def write_json(path: Path, obj) -> None:
+    """Write atomically (a reader never sees half a file), creating the parent directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

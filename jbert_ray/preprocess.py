@@ -13,14 +13,14 @@ import json
 import os
 import shutil
 import time
-import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from jbert_ray.corpus import REJECT_PREVIEW_CHARS, read_corpus, resolve_paths
+from jbert_ray.corpus import REJECT_PREVIEW_CHARS, CorpusFiles, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split
 from jbert_ray.progress import Progress
@@ -44,28 +44,28 @@ _CPUS_PER_READER = 16
 # Settings that shape the shards: a resumed run must match them (the rest, e.g. num_actors, may change).
 _OUTPUT_SHAPING = (
     "input", "text_field", "id_field", "text", "max_seq_len", "pack_across_docs", "valid_fraction",
-    "static_masking", "seed",
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
     tokenizer_dir: str  # a tokenizer directory (`jbert vocab` output or a Tohoku-style HF one)
-    output_dir: str  # SHARDS: train/, valid/, tokenizer/, rejects/, manifest.json
+    output_dir: str  # shards: train/, valid/, tokenizer/, rejects/, manifest.json
     max_seq_len: int = 128  # tokens per row including [CLS] and the [SEP]s (BERT phase 1 uses 128)
-    text_field: str = "text"  # JSON field / parquet column holding the text
-    id_field: str | None = None  # field giving document ids; default: file:line
+    text_field: str = "text"  # JSON field or parquet column holding the text
+    id_field: str | None = None  # JSON field or parquet column with document ids; None = file:line
     text: TextConfig = field(default_factory=TextConfig)
     pack_across_docs: bool = False  # let a row hold the end of one document and the start of the next
     valid_fraction: float = 0.0  # share of documents (by a hash of their id) written to valid/
-    static_masking: int = 0  # also write K masked copies of every row to static/ (original BERT recipe)
-    seed: int = 0  # static masking draws
     num_actors: int = 0  # tokenizer actors; 0 = one per CPU of the cluster
-    batch_size: int = 2048  # records per actor call: one shard file per split per batch
-    overwrite: bool = False  # replace an existing output directory
-    resume: bool = False  # finish an interrupted run into the same output directory
-    show_progress: bool = True
+    batch_size: int = 2048  # records per actor call (one shard file per split per batch)
+    overwrite: bool = False  # replace a non-empty output directory
+    resume: bool = False  # finish an interrupted run into the same output directory (same settings)
+    show_progress: bool = True  # progress bars and lines
+
+    def __post_init__(self):
+        validate(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> PreprocessConfig:
@@ -104,9 +104,6 @@ class ShardWriter:
         for split in SPLITS:
             if rows[split]:
                 files.append(self.shards.write_table(f"{split}/part-{key}.parquet", rows_table(rows[split])))
-                for copy in range(self.config.static_masking):
-                    table = static_table(rows[split], self.tokenizer, self.config.seed, copy, key)
-                    files.append(self.shards.write_table(f"static/{split}/part-{key}-{copy}.parquet", table))
         if rejects:
             files.append(self.shards.write_lines(f"rejects/part-{key}.jsonl", rejects))
         counts["actor_seconds"] = time.perf_counter() - start  # busy time; ÷ wall time = pool utilization
@@ -177,53 +174,24 @@ def rows_table(rows: list[Packed]) -> pa.Table:
     )
 
 
-def static_table(
-    rows: list[Packed], tokenizer: JapaneseTokenizer, seed: int, copy: int, key: str
-) -> pa.Table:
-    """One masked copy of the rows (input_ids with masks, labels with IGNORE_INDEX) via jbert_ray.masking."""
-    from jbert_ray.masking import mask_tokens, pad_batch
-
-    ids = pad_batch([r.ids for r in rows], tokenizer.pad_token_id, dtype=np.int32)  # (B, T)
-    starts = pad_batch([r.word_start for r in rows], False, ids.shape[1], dtype=bool)  # (B, T)
-    # The draw depends on (seed, copy, batch): a resumed or retried batch gets the same masks.
-    rng = np.random.default_rng(np.random.SeedSequence([seed, copy, zlib.crc32(key.encode())]))
-    masked, labels = mask_tokens(
-        ids, starts, vocab_size=tokenizer.vocab_size, special_ids=sorted(tokenizer.special_ids),
-        mask_id=tokenizer.mask_token_id, rng=rng,
-    )  # fmt: skip
-    lengths = np.array([len(r.ids) for r in rows], dtype=np.int32)
-    keep = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # (B, T) real tokens, row-major
-    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(masked[keep].astype(np.int32))),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[keep].astype(np.int32))),
-            "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
-            "seq_index": pa.array([r.seq_index for r in rows], pa.int32()),
-            "n_tokens": pa.array(lengths, pa.int32()),
-            "copy": pa.array(np.full(len(rows), copy, dtype=np.int32)),
-        }
-    )
-
-
-def run_preprocess(config: PreprocessConfig) -> dict:
+def run_preprocess(job: PreprocessConfig | PreparedPreprocess) -> dict:
     """Tokenize and pack the corpus into SHARDS; return the manifest (also written as SHARDS/manifest.json).
 
     SHARDS/train/*.parquet (and valid/ when valid_fraction > 0): input_ids list<int32>, word_start list<bool>,
     doc_id, seq_index, n_tokens int32; tokenizer/ (a copy); rejects/*.jsonl ({record_id, reason, record});
-    static/{train,valid}/ with --static-masking; manifest.json, written last.
+    manifest.json, written last. Masks are not stored: pretraining draws fresh ones every epoch (RoBERTa).
     """
-    config, tokenizer_sha, paths = preflight(config)
+    config, tokenizer_sha, files = job if isinstance(job, PreparedPreprocess) else prepare_preprocess(job)
     shards = ShardsDir.open(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     try:
-        return _run(shards, config, tokenizer_sha, paths)
+        return _run(shards, config, tokenizer_sha, files)
     finally:
         shards.close()
 
 
-def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths: list[str]) -> dict:
+def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files: CorpusFiles) -> dict:
     run_config = {k: v for k, v in asdict(config).items() if k in _OUTPUT_SHAPING}
-    run_config.update(tokenizer_sha256=tokenizer_sha, corpus_files=corpus_fingerprint(config.input))
+    run_config.update(tokenizer_sha256=tokenizer_sha, corpus_files=corpus_fingerprint(files))
     if shards.complete:  # --resume on a finished run: nothing is missing
         shards.check_run_config(run_config, shards.manifest().get("run_config", {}))
         shutil.rmtree(shards.staging, ignore_errors=True)
@@ -238,12 +206,12 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, paths:
 
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
     dataset = read_corpus(
-        config.input, text_field=config.text_field, id_field=config.id_field,
+        files, text_field=config.text_field, id_field=config.id_field,
         positions=True, skip=done, read_tasks=max(1, cluster_cpus() // _CPUS_PER_READER),
     ).map_batches(
         ShardWriter,
         fn_constructor_kwargs={
-            "config": asdict(config), "doc_root": _common_root(paths), "run_token": run_token,
+            "config": asdict(config), "doc_root": _common_root(files.paths), "run_token": run_token,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -279,22 +247,29 @@ def doc_id(record_id: str, root: str) -> str:
     return record_id[len(root) + 1 :] if root and record_id.startswith(root + "/") else record_id
 
 
-def preflight(config: PreprocessConfig) -> tuple[PreprocessConfig, str, list[str]]:
-    """Every check that needs no cluster (settings, tokenizer, corpus files, output folder), so a mistake
-    fails in a second with one line; returns (config with absolute paths, vocab sha256, corpus files)."""
-    validate(config)
+class PreparedPreprocess(NamedTuple):
+    """A preprocess job checked before Ray starts."""
+
+    config: PreprocessConfig  # with absolute paths (actors run elsewhere)
+    tokenizer_sha: str  # sha256 of the tokenizer's vocab.txt
+    files: CorpusFiles  # the corpus, listed once
+
+
+def prepare_preprocess(config: PreprocessConfig) -> PreparedPreprocess:
+    """Every check that needs no cluster (tokenizer, corpus files, output folder), so a mistake fails in a
+    second with one line: call it before starting Ray."""
     tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
-    paths, _ = resolve_paths(config.input)
+    files = resolve_paths(config.input)
     out = Path(config.output_dir).resolve()
-    if "://" not in config.input and _overlaps(out, config.input, paths):
+    if "://" not in config.input and _overlaps(out, config.input, files.paths):
         raise UserError(f"output {config.output_dir} and corpus {config.input} overlap: choose another --out")
     ShardsDir.check(out, overwrite=config.overwrite, resume=config.resume)
-    return _absolute_paths(config, tokenizer_dir), tokenizer_sha, paths
+    return PreparedPreprocess(_absolute_paths(config, tokenizer_dir), tokenizer_sha, files)
 
 
-def corpus_fingerprint(corpus: str) -> str:
+def corpus_fingerprint(files: CorpusFiles) -> str:
     """sha256 over the corpus files' paths, sizes and modification times: resuming on a changed corpus fails."""
-    paths, filesystem = resolve_paths(corpus)
+    paths, filesystem = files
     digest = hashlib.sha256()
     for info in filesystem.get_file_info(paths):
         digest.update(f"{info.path}\t{info.size}\t{info.mtime_ns}\n".encode())
@@ -302,6 +277,7 @@ def corpus_fingerprint(corpus: str) -> str:
 
 
 def validate(config: PreprocessConfig) -> None:
+    """The checks on the settings alone (PreprocessConfig runs them when it is made)."""
     if "://" in config.output_dir:
         raise UserError(
             f"--out {config.output_dir}: write shards to a local or mounted path (e.g. NFS), not a URI"
@@ -310,8 +286,10 @@ def validate(config: PreprocessConfig) -> None:
         raise UserError(f"--max-seq-len {config.max_seq_len} is too small (at least {MIN_SEQ_LEN})")
     if not 0.0 <= config.valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {config.valid_fraction}")
-    if config.static_masking < 0 or config.batch_size < 1 or config.num_actors < 0:
-        raise UserError("--static-masking, --batch-size and --num-actors cannot be negative (batch size ≥ 1)")
+    if config.batch_size < 1 or config.num_actors < 0:
+        raise UserError("--batch-size must be ≥ 1 and --num-actors ≥ 0")
+    if config.resume and config.overwrite:
+        raise UserError("give --resume or --overwrite, not both")
 
 
 def check_tokenizer(path: str) -> tuple[Path, str]:

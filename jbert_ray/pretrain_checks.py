@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from jbert_ray.errors import UserError
 from jbert_ray.model import hf_config_dict
-from jbert_ray.shards import file_sha256
-from jbert_ray.train_state import ShardInfo, inspect_shards, read_json, write_json
+from jbert_ray.output_dir import read_json, write_json
+from jbert_ray.shards import ShardInfo, file_sha256, inspect_shards
 
 if TYPE_CHECKING:
     from jbert_ray.train import PretrainConfig
@@ -22,31 +22,10 @@ RESUME_KEYS = ("model_config", "init_from", "global_batch_size", "seed", "whole_
 
 
 def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
-    """Validate shards, model config and --init-from before any worker starts; return shards + HF config dict."""
+    """Validate shards, model config and --init-from (no cluster needed); return shards + HF config dict."""
     from jbert_ray.model import resolve_model_config
 
     shards = inspect_shards(cfg.data_dir)
-    if cfg.max_steps < 0 or cfg.time_budget_min < 0:
-        raise UserError("--max-steps and --time-budget must be ≥ 0 (0: not set)")
-    for name, value in (
-        ("num_workers", cfg.num_workers),
-        ("micro_batch_size", cfg.micro_batch_size),
-        ("log_every", cfg.log_every),
-        ("eval_every", cfg.eval_every),
-        ("checkpoint_every", cfg.checkpoint_every),
-    ):
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    per_step = cfg.micro_batch_size * cfg.num_workers
-    if cfg.global_batch_size % per_step:
-        raise UserError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro batch × workers "
-            f"= {cfg.micro_batch_size} × {cfg.num_workers}"
-        )
-    if shards.train_rows < cfg.global_batch_size:
-        raise UserError(
-            f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch"
-        )
     if cfg.init_from:
         from jbert_ray.checkpoint import check_model_dir
 
@@ -62,7 +41,11 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
 
         tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
         model_config = resolve_model_config(cfg.model_config)
-        special_ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+        special_ids = {
+            "pad": tokenizer.pad_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+        }
         hf_config = hf_config_dict(model_config, cfg.arch, tokenizer.vocab_size, special_ids)
     if hf_config["max_position_embeddings"] < shards.max_seq_len:
         raise UserError(
@@ -70,10 +53,20 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
             f"{hf_config['max_position_embeddings']} positions"
         )
     if hf_config["vocab_size"] < shards.vocab_size:
-        raise UserError(
-            f"model has {hf_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}"
-        )
+        raise UserError(f"model has {hf_config['vocab_size']} embeddings, shards' vocab {shards.vocab_size}")
     return shards, hf_config
+
+
+def check_batch(cfg: PretrainConfig, shards: ShardInfo) -> None:
+    """The global batch against the worker count (known once the cluster is) and the shards' size."""
+    per_step = cfg.micro_batch_size * cfg.num_workers
+    if cfg.global_batch_size % per_step:
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro batch × workers "
+            f"= {cfg.micro_batch_size} × {cfg.num_workers}"
+        )
+    if shards.train_rows < cfg.global_batch_size:
+        raise UserError(f"{cfg.data_dir}: {shards.train_rows} training sequences, fewer than one global batch")
 
 
 def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None = None) -> float:

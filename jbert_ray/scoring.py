@@ -11,18 +11,19 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jbert_ray.corpus import corpus_format, read_corpus, resolve_paths
+from jbert_ray.corpus import CorpusFiles, corpus_format, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
+from jbert_ray.inference import LONG_TEXT_POLICIES, PLL_METHODS
 from jbert_ray.output_dir import prepare_output_dir
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
-from jbert_ray.text import TextConfig, clean_text
 
 ERROR_TOO_LONG = "too_long"
 _CANDIDATE = pa.struct([("token", pa.string()), ("score", pa.float32())])
@@ -43,23 +44,41 @@ SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
     model_dir: str  # our model dir or a Tohoku-style HF Japanese BERT dir
-    output_dir: str
-    text_field: str = "text"
-    id_column: str | None = None  # a field/column with row ids; default `path:line`, stable across runs
-    num_actors: int = 0  # 0 = one per CPU (or per GPU share with gpus_per_actor)
-    batch_size: int = 64  # rows per actor call; MaskedLM packs their masked copies into big forwards
-    gpus_per_actor: float = 0.0
-    method: str = "pll"  # "pll" or "pll-word-l2r"
-    long_text: str = "window"  # texts over the model's length: "window" (sliding) or "error" (error column)
+    output_dir: str  # parts/*.parquet, summary.json, a histogram, filtered/
+    text_field: str = "text"  # JSON field or parquet column holding the text
+    id_field: str | None = None  # JSON field or parquet column with row ids; None = file:line
+    num_actors: int = 0  # scoring actors; 0 = one per CPU (or per GPU share with --gpus-per-actor)
+    batch_size: int = 64  # rows per actor call (their masked copies are packed into big forwards)
+    gpus_per_actor: float = 0.0  # GPUs per scoring actor (0 = CPU)
+    method: Literal["pll", "pll-word-l2r"] = "pll"  # PLL, or PLL masking the rest of each word to the right
+    long_text: Literal["window", "error"] = (
+        "window"  # longer than the model: sliding windows, or a too_long row
+    )
     top_k: int = 5  # fill-mask candidates for texts containing [MASK]
-    filter_below: float | None = None  # also write rows with pll_per_token ≥ this as a cleaned corpus
-    filter_percentile: float | None = None  # …or drop this lowest percentage of scored rows
-    rows_per_part: int = 4096  # rows per output parquet file (the unit of resume)
-    resume: bool = False  # keep finished parts, score only rows not yet written
-    overwrite: bool = False
-    show_progress: bool = True
+    filter_below: float | None = None  # also write rows with PLL per token ≥ this as a cleaned corpus
+    filter_percentile: float | None = None  # or: the corpus without its lowest P% of rows by PLL per token
+    rows_per_part: int = 4096  # rows per output parquet file (the unit of --resume)
+    resume: bool = False  # keep finished parts, score only the rows not yet written
+    overwrite: bool = False  # replace a non-empty output directory
+    show_progress: bool = True  # progress bars and lines
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.rows_per_part < 1 or self.num_actors < 0 or self.gpus_per_actor < 0:
+            raise UserError(
+                "--batch-size and --rows-per-part must be ≥ 1, --num-actors and --gpus-per-actor ≥ 0"
+            )
+        if not 1 <= self.top_k <= 50:
+            raise UserError(f"--top-k must be between 1 and 50, not {self.top_k}")
+        if self.filter_below is not None and self.filter_percentile is not None:
+            raise UserError("give --filter-below or --filter-percentile, not both")
+        if self.filter_percentile is not None and not 0 <= self.filter_percentile < 100:
+            raise UserError("--filter-percentile must be in [0, 100)")
+        if self.method not in PLL_METHODS or self.long_text not in LONG_TEXT_POLICIES:
+            raise UserError(f"--method is one of {PLL_METHODS}, --long-text one of {LONG_TEXT_POLICIES}")
+        if self.resume and self.overwrite:
+            raise UserError("give --resume or --overwrite, not both")
 
 
 class CorpusScorer:
@@ -78,8 +97,7 @@ class CorpusScorer:
             for record_id, text, reason in zip(batch["record_id"], batch["text"], batch["reject"])
             if record_id not in self.done_ids
         ]
-        cleaned = [clean_text(text, TextConfig(require_japanese=False)) if not reason else ("", reason)
-                   for _, text, reason in rows]
+        cleaned = [self.lm.clean(text) if not reason else ("", reason) for _, text, reason in rows]
         scores = self._score([text for text, reason in cleaned if not reason])
         columns: dict[str, list] = {name: [] for name in SCHEMA.names}
         for (record_id, text, _), (_, reason) in zip(rows, cleaned):
@@ -104,26 +122,45 @@ class CorpusScorer:
             return [ERROR_TOO_LONG] if len(texts) == 1 else [r for t in texts for r in self._score([t])]
         masked = [i for i, text in enumerate(texts) if "[MASK]" in text]
         fills = self.lm.fill_mask([texts[i] for i in masked], top_k=self.config.top_k) if masked else []
-        results = [_score_row(score) for score in scores]
+        results = [{**score, "fill_mask": None} for score in scores]
         for i, fill in zip(masked, fills):
             results[i]["fill_mask"] = fill
         return results
 
 
-def run_scoring(config: ScoreConfig) -> dict:
-    """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
+class PreparedScoring(NamedTuple):
+    """A scoring job checked before Ray starts."""
+
+    config: ScoreConfig  # with an absolute model path (actors may run in other directories or on other nodes)
+    files: CorpusFiles  # the corpus, listed once
+    output_dir: Path
+
+
+def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
+    """The checks that need no cluster (corpus, model directory, output): call before starting Ray."""
     from jbert_ray.checkpoint import check_model_dir
 
-    resolve_paths(config.input)
-    # Actors may run in other directories (or on other nodes): hand them an absolute model path.
+    files = resolve_paths(config.input)
     config = replace(config, model_dir=str(check_model_dir(config.model_dir).resolve()))
-    output_dir = prepare_output_dir(config.output_dir, overwrite=config.overwrite, allow_existing=config.resume)
+    output_dir = prepare_output_dir(
+        config.output_dir, overwrite=config.overwrite, allow_existing=config.resume
+    )
+    return PreparedScoring(config, files, output_dir)
+
+
+def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
+    """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
+    config, files, output_dir = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
     parts_dir = output_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
     done_ids = _written_ids(parts_dir) if config.resume else frozenset()
     # Blocks of one actor batch: a block goes to one actor whole, and a scored row costs milliseconds.
-    dataset = read_corpus(config.input, text_field=config.text_field, id_field=config.id_column,
-                          rows_per_block=config.batch_size).map_batches(
+    dataset = read_corpus(
+        files,
+        text_field=config.text_field,
+        id_field=config.id_field,
+        rows_per_block=config.batch_size,
+    ).map_batches(
         CorpusScorer,
         fn_constructor_kwargs={"model_dir": config.model_dir, "config": asdict(config), "done_ids": done_ids},
         batch_size=config.batch_size,
@@ -142,24 +179,17 @@ def run_scoring(config: ScoreConfig) -> dict:
         progress.update(rows=rows)
     seconds = progress.elapsed_s
     summary = _summarize(parts_dir, output_dir, config)
-    summary.update(rows_this_run=rows, rows_resumed=len(done_ids), seconds=round(seconds, 2),
-                   sentences_per_s=round(rows / max(seconds, 1e-9), 2))
-    summary["filtered"] = _write_filtered(parts_dir, output_dir, config, summary) if _filtering(config) else None
+    summary.update(
+        rows_this_run=rows,
+        rows_resumed=len(done_ids),
+        seconds=round(seconds, 2),
+        sentences_per_s=round(rows / max(seconds, 1e-9), 2),
+    )
+    summary["filtered"] = (
+        _write_filtered(parts_dir, output_dir, config, summary, files) if _filtering(config) else None
+    )
     (output_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     return summary
-
-
-def _score_row(score: dict) -> dict:
-    tokens = score["tokens"]
-    n_tokens = score["n_tokens"]
-    return {
-        "pll": score["pll"],
-        "pll_per_token": score["pll"] / n_tokens if n_tokens else None,
-        "token_pll": score["token_pll"],
-        "n_tokens": n_tokens,
-        "unk_rate": tokens.count("[UNK]") / n_tokens if n_tokens else 0.0,
-        "fill_mask": None,
-    }
 
 
 def _scorer_pool(config: ScoreConfig):
@@ -241,27 +271,35 @@ def _filtering(config: ScoreConfig) -> bool:
     return config.filter_below is not None or config.filter_percentile is not None
 
 
-def _write_filtered(parts_dir: Path, output_dir: Path, config: ScoreConfig, summary: dict) -> dict:
+def _write_filtered(
+    parts_dir: Path, output_dir: Path, config: ScoreConfig, summary: dict, files: CorpusFiles
+) -> dict:
     """Stream rows with pll_per_token ≥ threshold into the input's format (jsonl, txt or parquet)."""
     parts = sorted(parts_dir.glob("part-*.parquet"))
     threshold = config.filter_below
     if threshold is None:
         values = _scored_values(pq.read_table(parts, columns=["pll_per_token", "error"]))
         threshold = float(np.percentile(values, config.filter_percentile)) if len(values) else float("inf")
-    fmt = corpus_format(resolve_paths(config.input)[0][0])
+    fmt = corpus_format(files.paths[0])
     out_path = output_dir / "filtered" / f"corpus.{fmt}"
     out_path.parent.mkdir(exist_ok=True)
     kept = 0
     with _CorpusWriter(out_path, fmt, config) as writer:
         for part in parts:
             table = pq.read_table(part, columns=["id", "text", "pll_per_token", "error"])
-            keep = pc.and_(pc.equal(table.column("error"), ""),
-                           pc.greater_equal(pc.fill_null(table.column("pll_per_token"), -np.inf), threshold))
+            keep = pc.and_(
+                pc.equal(table.column("error"), ""),
+                pc.greater_equal(pc.fill_null(table.column("pll_per_token"), -np.inf), threshold),
+            )
             table = table.filter(keep)
             writer.write(table)
             kept += table.num_rows
-    return {"path": str(out_path), "threshold": threshold, "rows_kept": kept,
-            "rows_dropped": summary["rows_in"] - kept}
+    return {
+        "path": str(out_path),
+        "threshold": threshold,
+        "rows_kept": kept,
+        "rows_dropped": summary["rows_in"] - kept,
+    }
 
 
 def _scored_values(table: pa.Table) -> np.ndarray:
@@ -280,7 +318,9 @@ class _CorpusWriter:
 
     def write(self, table: pa.Table) -> None:
         if self.fmt == "parquet":
-            table = table.select(["id", "text"]).rename_columns([self.config.id_column or "id", self.config.text_field])
+            table = table.select(["id", "text"]).rename_columns(
+                [self.config.id_field or "id", self.config.text_field]
+            )
             if self._parquet is None:
                 self._parquet = pq.ParquetWriter(self.path, table.schema)
             self._parquet.write_table(table)
@@ -290,8 +330,8 @@ class _CorpusWriter:
                 self._file.write(text.replace("\n", " ") + "\n")
             else:
                 record = {self.config.text_field: text}
-                if self.config.id_column:
-                    record[self.config.id_column] = record_id
+                if self.config.id_field:
+                    record[self.config.id_field] = record_id
                 self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def __enter__(self) -> _CorpusWriter:

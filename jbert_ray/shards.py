@@ -16,16 +16,17 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from jbert_ray.errors import UserError
+from jbert_ray.output_dir import read_json, write_json
 from jbert_ray.packing import padding_waste
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 MARKER = ".jbert_shards"  # says "preprocess made this folder": --overwrite deletes only such folders
-PUBLISHED = ("train", "valid", "static", "rejects", "tokenizer")  # folders moved from staging on publish
+PUBLISHED = ("train", "valid", "rejects", "tokenizer")  # folders moved from staging on publish
 SPLITS = ("train", "valid")
 _DONE = "done"
 _RUN_CONFIG = "run_config.json"
@@ -105,7 +106,7 @@ class ShardsDir:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} → {run_config.get(k)!r}" for k in changed)
                 raise UserError(f"cannot resume {self.root}: settings differ ({detail}); use --overwrite")
         else:
-            write_json_atomic(path, run_config)
+            write_json(path, run_config)
 
     def recover(self) -> dict[str, list[tuple[int, int]]]:
         """Undo a half-done publish and drop files of unfinished batches; return the input lines already done
@@ -122,7 +123,7 @@ class ShardsDir:
         for record in self.done_records():
             keep.update(record["files"])
             ranges.append({"ranges": record["ranges"]})
-        for folder in ("train", "valid", "static", "rejects"):
+        for folder in ("train", "valid", "rejects"):
             for path in (self.staging / folder).rglob("*"):
                 if path.is_file() and path.relative_to(self.staging).as_posix() not in keep:
                     path.unlink()
@@ -131,7 +132,7 @@ class ShardsDir:
     def start_run(self) -> str:
         """A new token for this run: workers of an earlier, killed run see it and stop committing."""
         token = uuid.uuid4().hex
-        write_json_atomic(self.staging / _RUN_TOKEN, {"run": token})
+        write_json(self.staging / _RUN_TOKEN, {"run": token})
         return token
 
     def current_run(self) -> str | None:
@@ -151,7 +152,7 @@ class ShardsDir:
                 if (self.root / name).exists():
                     shutil.rmtree(self.root / name)
                 os.replace(self.staging / name, self.root / name)
-        write_json_atomic(self.root / MANIFEST, manifest)
+        write_json(self.root / MANIFEST, manifest)
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _clear(self) -> None:
@@ -183,7 +184,7 @@ class ShardsDir:
 
     def commit(self, key: str, record: dict) -> None:
         """The batch is done: written last, after all its files."""
-        write_json_atomic(self.staging / _DONE / f"{key}.json", {"key": key, **record})
+        write_json(self.staging / _DONE / f"{key}.json", {"key": key, **record})
 
 
 def build_manifest(records: Iterable[dict], config: dict, tokenizer_sha: str, **extra) -> dict:
@@ -207,16 +208,6 @@ def build_manifest(records: Iterable[dict], config: dict, tokenizer_sha: str, **
         split["padding_waste"] = round(padding_waste(split["tokens"], split["sequences"], max_seq_len), 4)
         split["files"] = files[name]
     total["padding_waste"] = round(padding_waste(total["tokens"], total["sequences"], max_seq_len), 4)
-    static = None
-    if config["static_masking"]:
-        from jbert_ray.masking import MaskingConfig
-
-        static = {
-            "copies": config["static_masking"],
-            "seed": config["seed"],
-            "masking": asdict(MaskingConfig()),
-        }
-        static.update({split: f"static/{split}" for split in SPLITS if total["splits"][split]["sequences"]})
     return {
         "format": "jbert-shards/1",
         **{k: total[k] for k in ("records_read", "records_kept", "records_rejected", "rejects_by_reason")},
@@ -227,7 +218,6 @@ def build_manifest(records: Iterable[dict], config: dict, tokenizer_sha: str, **
         "splits": {
             name: s for name, s in total["splits"].items() if name == "train" or config["valid_fraction"]
         },
-        "static_masking": static,
         "tokenizer": "tokenizer",
         "tokenizer_sha256": tokenizer_sha,  # sha256 of tokenizer/vocab.txt
         "config": config,
@@ -314,8 +304,69 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class ShardInfo:
+    root: Path
+    manifest: dict
+    tokenizer_dir: Path
+    tokenizer_sha256: str
+    vocab_size: int
+    max_seq_len: int
+    train_files: list[Path]
+    train_file_rows: list[int]
+    valid_files: list[Path]
+    valid_rows: int
+
+    @property
+    def train_rows(self) -> int:
+        return sum(self.train_file_rows)
+
+
+def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
+    """Read manifest.json and the parquet footers; raise a UserError on incomplete, empty or mismatched shards."""
+    import pyarrow.parquet as pq
+
+    root = Path(data_dir)
+    manifest = read_json(root / "manifest.json")
+    if not root.is_dir():
+        raise UserError(f"--data {root} does not exist")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{root} has no manifest.json: it is not a finished `jbert preprocess` output")
+    tokenizer_dir = root / "tokenizer"
+    if not (tokenizer_dir / "vocab.txt").is_file():
+        raise UserError(f"{root} has no tokenizer/vocab.txt: rerun `jbert preprocess`")
+    sha = file_sha256(tokenizer_dir / "vocab.txt")  # the manifest names the tokenizer by its vocab's hash
+    if manifest.get("tokenizer_sha256") != sha:
+        raise UserError(
+            f"{root}: manifest tokenizer_sha256 {str(manifest.get('tokenizer_sha256'))[:12]}… does not match "
+            f"tokenizer/vocab.txt ({sha[:12]}…): the shards were made with another tokenizer"
+        )
+    max_seq_len = int((manifest.get("config") or {}).get("max_seq_len") or 0)
+    train_files = sorted((root / "train").glob("**/*.parquet"))
+    valid_files = sorted((root / "valid").glob("**/*.parquet"))
+    file_rows = [pq.read_metadata(f).num_rows for f in train_files]
+    nonempty = [(f, n) for f, n in zip(train_files, file_rows) if n > 0]
+    if not nonempty:
+        raise UserError(f"{root}/train has no training sequences (no non-empty parquet files)")
+    schema = pq.read_schema(nonempty[0][0])
+    missing = [c for c in ("input_ids", "word_start") if c not in schema.names]
+    if missing:
+        raise UserError(f"{nonempty[0][0]} lacks columns {missing}: not a `jbert preprocess` shard")
+    valid_rows = sum(pq.read_metadata(f).num_rows for f in valid_files)
+    return ShardInfo(
+        root=root,
+        manifest=manifest,
+        tokenizer_dir=tokenizer_dir,
+        tokenizer_sha256=sha,
+        vocab_size=len(_read_lines(tokenizer_dir / "vocab.txt")),
+        max_seq_len=max_seq_len or 512,
+        train_files=[f for f, _ in nonempty],
+        train_file_rows=[n for _, n in nonempty],
+        valid_files=[f for f in valid_files if pq.read_metadata(f).num_rows > 0],
+        valid_rows=valid_rows,
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines

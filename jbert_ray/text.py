@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Literal
+
+from jbert_ray.errors import UserError
 
 # Reasons a record is rejected; they appear in rejects/ files and in manifests.
 REJECT_INVALID_UTF8 = "invalid_utf8"
@@ -17,7 +20,9 @@ REJECT_BINARY = "binary"
 REJECT_NO_JAPANESE = "no_japanese"
 REJECT_TOO_LONG = "too_long"
 REJECT_UNREADABLE = "unreadable"  # the file could not be read on (e.g. a corrupt .gz); the rest of it is lost
-REJECT_INVALID_UNICODE = "invalid_unicode"  # a lone surrogate ("\ud800" is valid JSON): not encodable as UTF-8
+REJECT_INVALID_UNICODE = (
+    "invalid_unicode"  # a lone surrogate ("\ud800" is valid JSON): not encodable as UTF-8
+)
 
 # Lone UTF-16 surrogates: JSON escapes can produce them, but no UTF-8 writer (parquet, files, MeCab) takes them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -33,9 +38,15 @@ _BINARY_CONTROL_FRACTION = 0.1  # above this share of control characters a recor
 
 @dataclass(frozen=True)
 class TextConfig:
-    normalization: str = "NFKC"  # unicodedata form applied to every record ("none" to keep text as is)
-    require_japanese: bool = True  # reject records with no kana or kanji (e.g. stray English-only lines)
-    max_chars: int = 1_000_000  # longer records are dumps gone wrong (a whole file on one line), not documents
+    normalization: Literal["NFKC", "NFC", "none"] = "NFKC"  # Unicode normalization of every record
+    require_japanese: bool = True  # reject records without kana or kanji (stray English-only lines)
+    max_chars: int = 1_000_000  # longer records are rejected: dumps gone wrong (a file on one line)
+
+    def __post_init__(self):
+        if self.normalization not in ("NFKC", "NFC", "none") or self.max_chars < 1:
+            raise UserError(
+                f"normalization {self.normalization!r} is not NFKC, NFC or none, or max_chars < 1"
+            )
 
 
 def has_invalid_unicode(text: str) -> bool:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from jbert_ray.errors import UserError
 from jbert_ray.text import normalize, replace_invalid_unicode
@@ -29,11 +29,17 @@ _DICTIONARY_PACKAGES = {"unidic_lite": "unidic-lite", "unidic": "unidic", "ipadi
 @dataclass(frozen=True)
 class TokenizerConfig:
     vocab_size: int = 32768  # WordPiece entries including the 5 special tokens (Tohoku v3 uses 32768)
-    min_frequency: int = 2  # a merge must be seen this often; words seen once are mostly noise
-    limit_alphabet: int = 0  # distinct characters kept as pieces; 0 = a quarter of vocab_size
-    do_lower_case: bool = False  # Japanese BERTs are cased; lowercasing only touches Latin letters
-    mecab_dic: str = "unidic_lite"  # MeCab dictionary package: unidic_lite (default), unidic or ipadic
+    min_frequency: int = 2  # minimum count of a merged piece (words seen once are mostly noise)
+    limit_alphabet: int = 0  # distinct characters kept as pieces; 0 = a quarter of the vocab size
+    do_lower_case: bool = False  # lowercase Latin letters (Japanese BERTs are cased)
+    mecab_dic: Literal["unidic_lite", "unidic", "ipadic"] = "unidic_lite"  # MeCab dictionary package
     model_max_length: int = 512  # written to tokenizer_config.json (otherwise transformers says 1e30)
+
+    def __post_init__(self):
+        if self.vocab_size < 16 or self.min_frequency < 1 or self.limit_alphabet < 0:
+            raise UserError(
+                f"--vocab-size {self.vocab_size} must be ≥ 16, --min-frequency ≥ 1, --limit-alphabet ≥ 0"
+            )
 
 
 class Encoding(NamedTuple):
@@ -102,7 +108,9 @@ class JapaneseTokenizer:
             normalize_text=bool(mecab.get("normalize_text", True)),
             model_max_length=int(min(config.get("model_max_length", 512), 1 << 20)),
         )
-        build_tagger(tokenizer.mecab_dic, tokenizer.mecab_option)  # fail now, not in a worker, if no dictionary
+        build_tagger(
+            tokenizer.mecab_dic, tokenizer.mecab_option
+        )  # fail now, not in a worker, if no dictionary
         return tokenizer
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -171,7 +179,7 @@ class JapaneseTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Join pieces without spaces or '##' (Japanese has no spaces); skips [PAD] [CLS] [SEP], keeps [UNK]."""
         tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self._layout_ids)]
-        return "".join(t[2:] if t.startswith("##") else t for t in tokens)
+        return "".join(t.removeprefix("##") for t in tokens)
 
     def _extend_with_words(self, words: list[str], ids: list[int], starts: list[bool]) -> None:
         cache = self._cache
@@ -224,7 +232,9 @@ def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):
     return fugashi.GenericTagger(f'-d "{dic_dir}" -r "{mecabrc}" {mecab_option} -Owakati')
 
 
-def train_vocab(word_counts: Mapping[str, int], config: TokenizerConfig = TokenizerConfig()) -> JapaneseTokenizer:
+def train_vocab(
+    word_counts: Mapping[str, int], config: TokenizerConfig = TokenizerConfig()
+) -> JapaneseTokenizer:
     """Train WordPiece (the `tokenizers` trainer) on MeCab word counts; return the tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -18,28 +18,26 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 
+from jbert_ray.errors import UserError
 from jbert_ray.masking import MaskingConfig
-from jbert_ray.model import SparseMaskedLM, build_model
-from jbert_ray.pretrain_checks import check_inputs, check_resources, check_run_dir
+from jbert_ray.model import ARCHS, SparseMaskedLM, build_model
+from jbert_ray.output_dir import read_json, write_json
+from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources, check_run_dir
 from jbert_ray.progress import MetricsWatcher
-from jbert_ray.train_state import (
-    METRICS_FILE,
+from jbert_ray.shards import ShardInfo
+from jbert_ray.train_state import METRICS_FILE, MetricsLog, load_train_state, plot_curves, save_train_state
+from jbert_ray.train_step import all_reduce, autocast_for, evaluate, lr_at, make_optimizer, train_step
+from jbert_ray.train_stream import (
     PROGRESS_FILE,
     STREAM_FILE,
-    MetricsLog,
     build_train_stream,
     build_valid_stream,
-    load_train_state,
-    plot_curves,
-    read_json,
-    save_train_state,
     stream_spec,
-    write_json,
 )
-from jbert_ray.train_step import all_reduce, autocast_for, evaluate, lr_at, make_optimizer, train_step
 
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
 DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps nor --time-budget
@@ -47,31 +45,50 @@ DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps n
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    data_dir: str  # shards directory (manifest.json, train/, valid/, tokenizer/)
-    output_dir: str  # run dir: checkpoints/, model/, metrics.csv, tensorboard/, curves.png, results.json
-    model_config: str = "tiny"  # size preset (tiny, mini, small, base) or a JSON file (our fields or an HF config)
-    arch: str = "modernbert"  # modernbert (pre-LN, RoPE, GeGLU) or bert; an HF config JSON or --init-from decides
-    init_from: str | None = None  # HF model dir to continue pretraining from (vocab must equal the shards')
-    num_workers: int = 0  # Ray Train workers (DDP ranks); 0 = one per GPU, or one per CPU node
-    use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
-    cpus_per_worker: float = 0.0  # 0 = auto: leave room for the Ray Data stage (2-CPU deadlock otherwise)
-    time_budget_min: float = 0.0  # minutes of training; warmup and decay are laid over it (0 = by steps)
-    max_steps: int = 0  # optimizer steps; 0 = no step limit with a time budget, else 1000
+    data_dir: str  # output of `jbert preprocess` (manifest.json, train/, valid/, tokenizer/)
+    output_dir: str  # run directory (checkpoints, model/, metrics.csv); run again on it to resume
+    model_config: str = "tiny"  # tiny, mini, small, base, or a JSON file (ModelConfig fields or an HF config)
+    arch: Literal["modernbert", "bert"] = "modernbert"  # pre-LN ModernBERT learns far more in short budgets
+    init_from: str | None = None  # continue pretraining this HF BERT/ModernBERT dir (the shards' vocab)
+    num_workers: int = 0  # DDP workers; 0 = one per GPU with --use-gpu, else one per node (all its cores)
+    use_gpu: bool = False  # one GPU per worker (NCCL, bf16 autocast)
+    compile_model: bool = False  # torch.compile the model: faster GPU steps after a one-off compile (~1 min)
+    cpus_per_worker: float = 0.0  # CPUs per worker; 0 = auto (room is left for the masking stage)
+    time_budget_min: float = 0.0  # minutes to train, warmup and decay laid over them (0: by --max-steps)
+    max_steps: int = 0  # optimizer steps; 0 = no step limit with --time-budget, else 1000
     global_batch_size: int = 0  # sequences per optimizer step, all workers; 0 = micro batch × workers
-    micro_batch_size: int = 32  # sequences per forward per worker; accumulation fills the global batch
-    learning_rate: float = 1e-3  # peak AdamW learning rate (pre-LN models take 1e-3 at batch 32)
-    warmup_steps: int = -1  # linear warmup; -1 = 6% of the run (steps or budget), then linear decay to 0
-    weight_decay: float = 0.01  # AdamW; not on biases and LayerNorm
-    max_grad_norm: float = 1.0  # gradient clipping
+    micro_batch_size: int = 32  # sequences per forward per worker
+    learning_rate: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = -1  # linear warmup steps; -1 = 6% of the run; then linear decay to 0
+    weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorm)
+    max_grad_norm: float = 1.0  # gradient clipping norm
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    seed: int = 0  # init, dropout, masks and epoch order all derive from it
-    log_every: int = 10  # steps between metric rows (every worker reports then)
-    eval_every: int = 200  # steps between valid-set evaluations (and at the end)
+    seed: int = 0  # initialization, dropout, masks and data order
+    log_every: int = 10  # steps between metric rows
+    eval_every: int = 200  # steps between evaluations on valid/ (and at the end)
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
-    keep_checkpoints: int = 3  # last K checkpoints kept
+    keep_checkpoints: int = 3  # checkpoints kept
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
-    data_cpus: float = 0.5  # CPUs per masking task of the Ray Data stage
+    data_cpus: float = 0.5  # CPUs per task of the Ray Data masking stage
     show_progress: bool = True  # progress lines on stderr
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise UserError(f"--arch {self.arch!r}: use one of {', '.join(ARCHS)}")
+        if min(self.max_steps, self.time_budget_min, self.num_workers, self.global_batch_size,
+               self.cpus_per_worker, self.weight_decay) < 0:  # fmt: skip
+            raise UserError("--max-steps, --time-budget, --num-workers, --global-batch-size, --cpus-per-worker "
+                            "and --weight-decay must be ≥ 0 (0: not set or automatic)")  # fmt: skip
+        counts = ("micro_batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.data_cpus <= 0 or self.max_grad_norm <= 0:
+            raise UserError("--learning-rate, --data-cpus and --max-grad-norm must be > 0")
+        if self.warmup_steps < -1 or self.max_failures < -1:
+            raise UserError(
+                "--warmup-steps and --max-failures must be ≥ -1 (-1: automatic, or unlimited restarts)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
@@ -95,29 +112,43 @@ class PretrainConfig:
 # ---------------------------------------------------------------- driver
 
 
-def run_pretraining(cfg: PretrainConfig) -> dict:
-    """Check inputs, train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+class PreparedPretraining(NamedTuple):
+    """A pretraining run checked before Ray starts."""
 
-    os.environ.setdefault(
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
-    )  # report() costs ~1.2 s at the 2 s default
-    # Workers run in their own directories: every path they receive must be absolute.
+    config: PretrainConfig  # with absolute paths: workers run in their own directories
+    shards: ShardInfo
+    hf_config: dict  # the model's HF config
+
+
+def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
+    """The checks that need no cluster (shards, model config, --init-from): call before starting Ray."""
     cfg = dataclasses.replace(
         cfg,
         data_dir=str(Path(cfg.data_dir).resolve()),
         output_dir=str(Path(cfg.output_dir).resolve()),
         init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
     )
+    shards, hf_config = check_inputs(cfg)
+    return PreparedPretraining(cfg, shards, hf_config)
+
+
+def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
+    """Train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, shards, hf_config = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
     run_dir = Path(cfg.output_dir)
     cpu_nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     node_cpus = max(cpu_nodes, default=None)
     if not cfg.num_workers:
-        cfg = dataclasses.replace(cfg, num_workers=auto_workers(cfg.use_gpu, ray.cluster_resources(), len(cpu_nodes)))
+        cfg = dataclasses.replace(
+            cfg, num_workers=auto_workers(cfg.use_gpu, ray.cluster_resources(), len(cpu_nodes))
+        )
     cfg = cfg.resolved()  # the global batch follows the worker count
-    shards, hf_config = check_inputs(cfg)
+    check_batch(cfg, shards)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
     check_run_dir(run_dir, cfg, hf_config)
     import ray.data
@@ -229,7 +260,6 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config["torch_threads"]:
         torch.set_num_threads(config["torch_threads"])
-    write_json(_worker_file(run_dir, rank), {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank})
     tokenizer = JapaneseTokenizer.from_pretrained(config["tokenizer_dir"])
 
     checkpoint = ray.train.get_checkpoint()
@@ -238,9 +268,14 @@ def train_loop_per_worker(config: dict) -> None:
         module = ray.train.torch.prepare_model(
             SparseMaskedLM(model)
         )  # device + DDP (gloo on CPU, NCCL on GPU)
+        if cfg.compile_model:  # dynamic: trimmed widths and masked counts change from batch to batch
+            module = torch.compile(module, dynamic=True)
         optimizer = make_optimizer(model, cfg)
         state = load_train_state(checkpoint_dir, optimizer) if checkpoint_dir else {}
     step = int(state.get("step", 0))
+    # Who runs each rank, and from which step: a restarted worker group shows where it resumed.
+    worker = {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank, "start_step": step}
+    write_json(_worker_file(run_dir, rank), worker)
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     log = MetricsLog(run_dir, resume_step=step) if rank == 0 else None
@@ -341,7 +376,9 @@ class _Reporter:
             "elapsed_s": elapsed,
         }
         if self.config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
-            metrics.update(evaluate(self.module, self.device, autocast_for(self.device), cfg.micro_batch_size))
+            metrics.update(
+                evaluate(self.module, self.device, autocast_for(self.device), cfg.micro_batch_size)
+            )
         if self.log is not None:
             self.log.write(metrics)
         self.rows += 1
@@ -366,7 +403,9 @@ class _Reporter:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
+        if (
+            self.rank == 0
+        ):  # after report() the checkpoint is persisted: a restarted stream may start from here
             progress = {"step": step, "sequences": step * self.cfg.global_batch_size}
             write_json(Path(self.config["run_dir"]) / PROGRESS_FILE, progress)
 
@@ -395,12 +434,20 @@ def _train_batches(cfg: PretrainConfig, device, skip_batches: int):
     index = 0
     while True:
         passed = index
-        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch_size, drop_last=True, device=device):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size, drop_last=True, device=device, **_prefetch(device)
+        )
+        for batch in batches:
             if index >= skip_batches:
                 yield batch
             index += 1
         if cfg.time_budget_min <= 0 or index == passed:  # by steps the plan is exact; an empty pass ends it
             return
+
+
+def _prefetch(device: torch.device) -> dict:
+    """A GPU step is short: keep a few masked batches ready in pinned memory so the copy never waits on the CPU."""
+    return {"prefetch_batches": 4, "pin_memory": True} if device.type == "cuda" else {}
 
 
 def _stream_start(run_dir: Path) -> int:

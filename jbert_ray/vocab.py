@@ -7,11 +7,13 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from jbert_ray.corpus import RejectsWriter, read_corpus
+from jbert_ray.corpus import CorpusFiles, RejectsWriter, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.output_dir import prepare_output_dir
 from jbert_ray.progress import Progress
@@ -22,15 +24,19 @@ from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
 
 @dataclass(frozen=True)
 class VocabConfig:
-    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet, local or URI
+    input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
     output_dir: str  # the tokenizer directory to write
-    text_field: str = "text"  # JSON field / parquet column holding the text
+    text_field: str = "text"  # JSON field or parquet column holding the text
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     text: TextConfig = field(default_factory=TextConfig)
     num_actors: int = 0  # MeCab actors; 0 = one per CPU of the cluster
     batch_size: int = 1024  # records per actor call
-    overwrite: bool = False  # replace an existing output directory
-    show_progress: bool = True
+    overwrite: bool = False  # replace a non-empty output directory
+    show_progress: bool = True  # progress bars and lines
+
+    def __post_init__(self):
+        if self.num_actors < 0 or self.batch_size < 1:
+            raise UserError("--num-actors must be ≥ 0 and --batch-size ≥ 1")
 
 
 class WordCounter:
@@ -62,10 +68,24 @@ class WordCounter:
         )
 
 
-def run_vocab(config: VocabConfig) -> dict:
+class PreparedVocab(NamedTuple):
+    """A vocab job checked before Ray starts."""
+
+    config: VocabConfig
+    files: CorpusFiles  # the corpus, listed once
+    output_dir: Path
+
+
+def prepare_vocab(config: VocabConfig) -> PreparedVocab:
+    """The checks that need no cluster (the corpus exists, the output is writable): call before starting Ray."""
+    files = resolve_paths(config.input)
+    return PreparedVocab(config, files, prepare_output_dir(config.output_dir, overwrite=config.overwrite))
+
+
+def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
     """Count MeCab words over the corpus on the cluster, train WordPiece, save the tokenizer directory."""
-    output_dir = prepare_output_dir(config.output_dir, overwrite=config.overwrite)
-    dataset = read_corpus(config.input, text_field=config.text_field).map_batches(
+    config, files, output_dir = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
+    dataset = read_corpus(files, text_field=config.text_field).map_batches(
         WordCounter,
         fn_constructor_kwargs={"text_config": config.text, "mecab_dic": config.tokenizer.mecab_dic},
         batch_size=config.batch_size,

@@ -6,8 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fuzz tests draw the same examples on every run, so CI is reproducible; `--hypothesis-profile explore` draws new
+# ones (and 10x as many) to hunt for the next class of bad input.
+settings.register_profile("ci", max_examples=200, derandomize=True, database=None)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PATH = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"

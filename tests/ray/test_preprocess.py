@@ -121,8 +121,8 @@ def test_shards_decode_back_to_the_normalized_text(sample_run, tok):
 
 
 @pytest.fixture(scope="module")
-def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
-    """Good records with planted bad ones; returns (folder, expected rejects by reason)."""
+def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter, dict]:
+    """Good records with planted bad ones; returns (folder, expected rejects by reason, true record counts)."""
     root = tmp_path_factory.mktemp("bad_corpus")
     good = sample_texts[:200]
     lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in good]
@@ -148,18 +148,22 @@ def bad_corpus(tmp_path_factory, sample_texts) -> tuple[Path, Counter]:
     expected = Counter({reason: 1 for reason in planted})
     # binary: the NUL-only record and c.txt; empty and no_japanese: also in b.txt; unreadable: d.jsonl.gz
     expected.update({"binary": 2, "empty": 1, "no_japanese": 1, "unreadable": 1})
-    return root, expected
+    # Counted from what was written: every line of a.jsonl and b.txt, c.txt as one record, and one record for
+    # the .gz, which breaks before its first 1 MiB chunk is decoded; kept: the good lines, the NUL record, 2 of b.
+    counts = {"records_read": len(body) + 4 + 1 + 1, "records_kept": len(good) + 1 + 2}
+    return root, expected, counts
 
 
 def test_planted_bad_records_are_counted_and_kept_in_rejects(
     ray_cluster, bad_corpus, tokenizer_dir, tmp_path
 ):
-    corpus, expected = bad_corpus
+    corpus, expected, counts = bad_corpus
     out = tmp_path / "shards"
     assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
                  "--no-progress", "--batch-size", "64"]) == 0  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejects_by_reason"] == dict(expected)
+    assert {key: manifest[key] for key in counts} == counts
     assert manifest["records_read"] == manifest["records_kept"] + manifest["records_rejected"]
     assert manifest["records_kept"] == manifest["documents"]
     rejects = [json.loads(line) for f in sorted((out / "rejects").glob("*.jsonl")) for line in f.open()]
@@ -186,29 +190,22 @@ def test_refusals_are_one_clear_line(ray_cluster, tokenizer_dir, tmp_path, capsy
     assert (tmp_path / "out" / "keep.txt").exists()
 
 
-def test_options_pack_across_docs_and_static_masking(ray_cluster, tokenizer_dir, tok, sample_texts, tmp_path):
-    from jbert_ray.masking import IGNORE_INDEX
-
+def test_pack_across_docs_fills_rows_with_the_same_tokens(ray_cluster, tokenizer_dir, sample_texts, tmp_path):
     corpus = write_jsonl(tmp_path / "ja.jsonl", sample_texts[:400])
-    per_doc = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "per_doc", static_masking=2))
+    per_doc = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "per_doc"))
     across = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "across", pack_across_docs=True))
     assert across["sentence_tokens"] == per_doc["sentence_tokens"]
     assert (
         across["sequences"] < per_doc["sequences"] / 3 and across["padding_waste"] < per_doc["padding_waste"]
     )
-    rows = {(r["doc_id"], r["seq_index"]): r["input_ids"] for r in read_split(tmp_path / "per_doc")}
-    static = read_split(tmp_path / "per_doc", "static/train")
-    assert len(static) == 2 * len(rows) and per_doc["static_masking"]["copies"] == 2
-    masked = total = 0
-    for row in static:
-        original = np.array(rows[(row["doc_id"], row["seq_index"])])
-        labels, ids = np.array(row["labels"]), np.array(row["input_ids"])
-        assert len(ids) == len(original) == len(labels)
-        assert (labels[labels != IGNORE_INDEX] == original[labels != IGNORE_INDEX]).all()
-        assert (ids[labels == IGNORE_INDEX] == original[labels == IGNORE_INDEX]).all()
-        assert not np.isin(original[labels != IGNORE_INDEX], sorted(tok.special_ids)).any()
-        masked, total = masked + (labels != IGNORE_INDEX).sum(), total + (original > 4).sum()
-    assert 0.10 < masked / total < 0.20
+
+
+def test_removed_static_masking_flag_is_one_clear_line(tokenizer_dir, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "ja.jsonl", ["東京は日本の首都です。"])
+    argv = ["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o"),
+            "--static-masking", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--static-masking was removed" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_killed_run_resumes_without_duplicated_or_missing_documents(
@@ -276,3 +273,18 @@ def _wait_for_group_exit(pgid: int, timeout_s: float = 30) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
+
+
+def test_output_to_a_file_is_plain_lines_without_ray_logs(tokenizer_dir, sample_texts, tmp_path):
+    """`jbert preprocess > log` as a user runs it (its own local Ray, progress on): no escape codes, no Ray logs."""
+    corpus = write_jsonl(tmp_path / "ja.jsonl", sample_texts[:2000])
+    with open(tmp_path / "log", "w") as log:
+        result = subprocess.run(
+            [sys.executable, "-m", "jbert_ray.cli", "preprocess", "--input", str(corpus), "--tokenizer",
+             str(tokenizer_dir), "--out", str(tmp_path / "shards"), "--num-cpus", "2"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=300, check=False,
+        )  # fmt: skip
+    output = (tmp_path / "log").read_text()
+    assert result.returncode == 0, output[-2000:]
+    assert "\x1b[" not in output and "(raylet)" not in output and " INFO " not in output, output[-2000:]
+    assert output.splitlines()[-1].startswith("preprocess: read 2,000 records")

@@ -119,14 +119,23 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_c
     while not (out / "progress.json").exists() and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.2)
     assert (out / "progress.json").exists(), "no checkpoint was written"
+    checkpointed = json.loads((out / "progress.json").read_text())["step"]
+    rows_before = read_metrics(out / "metrics.csv")
     victim = json.loads((out / "workers" / "rank_1.json").read_text())["pid"]
     os.kill(victim, signal.SIGKILL)  # the Ray Train worker process of rank 1 of this run, nothing else
     runner.join(timeout=300)
     assert status.get("code") == 0
-    assert json.loads((out / "workers" / "rank_1.json").read_text())["pid"] != victim  # restarted
-    steps = [r["step"] for r in read_metrics(out / "metrics.csv")]
-    assert steps == sorted(set(steps)) and steps[-1] == 40
+    restarted = json.loads((out / "workers" / "rank_1.json").read_text())
+    assert restarted["pid"] != victim
+    assert 40 > restarted["start_step"] >= checkpointed >= 10  # resumed from the checkpoint, not from step 0
+    rows = read_metrics(out / "metrics.csv")
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(5, 45, 5))  # each logged step once: rows past the checkpoint were replaced
+    kept = [r for r in rows_before if r["step"] <= restarted["start_step"]]
+    assert kept and rows[: len(kept)] == kept  # the rows written before the kill are still there, unchanged
     assert json.loads((out / "results.json").read_text())["step"] == 40
+    stream = json.loads((out / "stream.json").read_text())  # the restarted stream began at the checkpoint
+    assert stream["consumed"] == restarted["start_step"] * 16 >= stream["start_sequence"]
 
 
 def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cluster, shards, tmp_path):

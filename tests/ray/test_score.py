@@ -97,7 +97,7 @@ def test_too_long_text_is_an_error_row_under_the_error_policy(ray_cluster, tiny_
 def test_killed_run_resumes_without_duplicates_or_gaps(corpus, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--model", str(tiny_model_dir),
-            "--out", str(out), "--batch-size", "4", "--rows-per-part", "4", "--actors", "1", "--num-cpus", "2",
+            "--out", str(out), "--batch-size", "4", "--rows-per-part", "4", "--num-actors", "1", "--num-cpus", "2",
             "--no-progress"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import requests
+import schemathesis
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from jbert_ray.serving import ServeArgs, build_app
+from jbert_ray.serving import ServeArgs, build_app, free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -25,12 +28,6 @@ TEXTS = [
     "[MASK]を食べた。",
 ]
 SMALL_REPLICA = {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "health_check_period_s": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +252,131 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(serve_url):
     assert new is not None, "no new replica answered within 90 s"
     response = post(f"{serve_url}/fill-mask", {"text": "東京は日本の[MASK]です。"})
     assert response.status_code == 200 and len(response.json()["predictions"][0][0]) == 5
+
+
+def test_bf16_replica_answers_close_to_float32(serve_url, extra_app, sample_texts):
+    url = extra_app(dtype="bfloat16")
+    assert requests.get(f"{url}/info", timeout=10).json()["dtype"] == "bfloat16"
+    texts = [t for t in sample_texts if 20 <= len(t) <= 60][:3]
+    bf16, fp32 = (post(f"{u}/score", {"texts": texts}) for u in (url, serve_url))
+    assert bf16.status_code == fp32.status_code == 200, bf16.text
+    for low, full in zip(bf16.json()["scores"], fp32.json()["scores"]):
+        assert low["tokens"] == full["tokens"] and low["pll"] != full["pll"]  # it really ran in bf16
+        assert low["pll"] == pytest.approx(full["pll"], rel=0.05)
+    filled = post(f"{url}/fill-mask", {"texts": TEXTS, "top_k": 3})
+    assert filled.status_code == 200 and [len(p) for p in filled.json()["predictions"]] == [1, 2, 1]
+
+
+def test_pll_word_l2r_over_http_equals_the_inference_core(serve_url, tiny_model_dir, sample_texts):
+    from jbert_ray.inference import MaskedLM
+
+    from jbert_ray.tokenizer import JapaneseTokenizer
+
+    tokenizer = JapaneseTokenizer.from_pretrained(tiny_model_dir)
+    # Texts with a word of several pieces: there the two methods mask differently.
+    texts = [t for t in sample_texts if 20 <= len(t) <= 60 and not all(tokenizer.encode(t).word_start)][:3]
+    response = post(f"{serve_url}/score", {"texts": texts, "method": "pll-word-l2r"})
+    assert response.status_code == 200, response.text
+    direct = MaskedLM.from_pretrained(tiny_model_dir, device="cpu").score(texts, "pll-word-l2r")
+    plain = post(f"{serve_url}/score", {"texts": texts}).json()["scores"]
+    for got, expected, token_by_token in zip(response.json()["scores"], direct, plain):
+        assert got["token_pll"] == pytest.approx(expected["token_pll"], abs=1e-4)
+        assert got["pll"] != pytest.approx(token_by_token["pll"], abs=1e-3)  # the method reached the model
+
+
+def test_serve_and_the_offline_scorer_give_a_text_the_same_record(serve_url, tiny_model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from jbert_ray.cli import main
+
+    texts = ["東京は日本の首都です。", "ＡＢＣの\x00テスト　です", "  絵文字😀も入る文章。  ", "セルに[MASK]を入力します。"]
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "id": str(i)}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "scores"
+    assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--id-field", "id", "--no-progress"]) == 0  # fmt: skip
+    offline = sorted(pq.read_table(sorted((out / "parts").glob("*.parquet"))).to_pylist(), key=lambda r: r["id"])
+    online = post(f"{serve_url}/score", {"texts": texts})
+    assert online.status_code == 200, online.text
+    for row, record in zip(offline, online.json()["scores"]):
+        assert row["error"] == "" and row["n_tokens"] == record["n_tokens"]
+        for field in ("pll", "pll_per_token", "unk_rate"):
+            assert record[field] == pytest.approx(row[field], abs=1e-4), field
+        assert record["token_pll"] == pytest.approx(row["token_pll"], abs=1e-4)
+    assert online.json()["scores"][2]["unk_rate"] > 0  # the emoji is not in the vocabulary
+
+
+def test_openapi_shows_the_request_bodies_with_the_deployments_limits(extra_app):
+    url = extra_app(max_texts=4, max_text_chars=300, max_top_k=7)
+    schema = requests.get(f"{url}/openapi.json", timeout=10).json()
+    fill_mask = schema["paths"]["/fill-mask"]["post"]
+    body = fill_mask["requestBody"]["content"]["application/json"]["schema"]
+    texts = body["properties"]["texts"]["anyOf"][0]
+    assert texts["maxItems"] == 4 and texts["items"]["maxLength"] == 300
+    assert body["properties"]["top_k"]["maximum"] == 7 and body["additionalProperties"] is False
+    assert {"200", "400", "401", "413", "422", "503"} <= set(fill_mask["responses"])
+    assert "method" in schema["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]  # fmt: skip
+    docs = requests.get(f"{url}/docs", timeout=10)
+    assert docs.status_code == 200 and "/extra/openapi.json" in docs.text
+
+
+SCHEMA_CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.checks.status_code_conformance,
+    schemathesis.checks.content_type_conformance,
+    schemathesis.checks.response_schema_conformance,
+]
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(serve_url):
+    """The standard OpenAPI fuzzer on every operation of the served schema (its pytest plugin needs pytest < 9)."""
+    operations = [result.ok() for result in schemathesis.openapi.from_url(f"{serve_url}/openapi.json")
+                  .get_all_operations()]  # fmt: skip
+    assert {operation.path for operation in operations} == {"/healthz", "/info", "/fill-mask", "/score"}
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            case.call_and_validate(checks=SCHEMA_CHECKS, timeout=60)
+
+        fuzz()
+
+
+ANY_TEXT = st.text(st.characters() | st.characters(categories=["Cs"]))  # with lone surrogates
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["text", "texts", "top_k",
+                                                                                  "method", "x"]), inner),
+    max_leaves=12,
+)  # fmt: skip
+RAW_BODIES = (
+    st.builds(lambda v, ascii_only: json.dumps(v, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"),
+              JSON_VALUES, st.booleans())
+    | st.binary(max_size=300)
+    | st.fixed_dictionaries({"texts": st.lists(st.text(max_size=80).map(lambda t: t + "[MASK]"), max_size=3)}).map(
+        lambda v: json.dumps(v).encode())
+)  # fmt: skip
+
+
+@given(route=st.sampled_from(["fill-mask", "score"]), body=RAW_BODIES,
+       content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", None]))
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+def test_arbitrary_bodies_never_get_a_server_error(serve_url, route, body, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(f"{serve_url}/{route}", data=body, headers=headers, timeout=60)
+    assert response.status_code in (200, 400, 413, 422), (response.status_code, response.text[:300])
+    assert response.status_code == 200 or "error" in response.json()
+
+
+def test_a_truncated_body_does_not_break_the_service(serve_url):
+    host, port = serve_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /fill-mask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n" + '{"text": "東京は[MA'.encode())  # fmt: skip
+    response = post(f"{serve_url}/fill-mask", {"text": "東京は日本の[MASK]です。"})
+    assert response.status_code == 200 and requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
 
 
 def test_jbert_serve_command_answers_sheds_overload_and_stops_on_ctrl_c(tiny_model_dir, sample_texts):

@@ -1,6 +1,10 @@
 """Corpus record parsing and path resolution (no Ray)."""
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jbert_ray import text as T
 from jbert_ray.corpus import corpus_format, parse_line, resolve_paths
@@ -72,3 +76,35 @@ def test_estimate_rows_of_plain_gzip_and_parquet_corpora(tmp_path):
     for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
         paths, filesystem = resolve_paths(str(tmp_path / name))
         assert 0.8 * 3000 <= estimate_rows(paths, filesystem) <= 1.2 * 3000, name
+
+
+REASONS = {"", T.REJECT_INVALID_UTF8, T.REJECT_INVALID_JSON, T.REJECT_MISSING_FIELD, T.REJECT_NOT_TEXT,
+           T.REJECT_INVALID_UNICODE}  # fmt: skip
+ANY_TEXT = st.text(st.characters() | st.characters(categories=["Cs"]))  # lone surrogates included
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["text", "id", "x"]) | ANY_TEXT, inner),
+    max_leaves=10,
+)
+JSON_LINES = st.builds(
+    lambda value, ascii_only: json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"),
+    JSON_VALUES, st.booleans(),
+)
+
+
+@given(line=st.binary(max_size=200).map(lambda b: b.replace(b"\n", b"")) | JSON_LINES,
+       fmt=st.sampled_from(["jsonl", "txt"]))
+@settings(deadline=None)
+def test_any_line_parses_to_a_record_or_a_reason_and_never_raises(line, fmt):
+    record_id, text, reason = parse_line(line, fmt, "text", "id")
+    assert reason in REASONS
+    if not reason:  # a kept record's text and id can be written as UTF-8 (Arrow, parquet, MeCab)
+        text.encode("utf-8")
+        assert record_id is None or record_id.encode("utf-8")
+
+
+@given(text=st.text(), record_id=st.none() | st.integers() | st.text())
+@settings(deadline=None)
+def test_a_valid_jsonl_record_is_kept_exactly(text, record_id):
+    line = json.dumps({"text": text, "id": record_id}, ensure_ascii=False).encode()
+    assert parse_line(line, "jsonl", "text", "id") == (None if record_id is None else str(record_id), text, "")

@@ -171,7 +171,9 @@ def test_word_l2r_differs_only_on_words_of_several_pieces(lm, short_texts):
 
 
 def test_empty_text_scores_zero(lm):
-    assert lm.score(["", "東京"])[0] == {"pll": 0.0, "n_tokens": 0, "token_pll": [], "tokens": []}
+    assert lm.score(["", "東京"])[0] == {
+        "pll": 0.0, "pll_per_token": None, "n_tokens": 0, "unk_rate": 0.0, "token_pll": [], "tokens": []
+    }
 
 
 # ---- long texts: an explicit policy, never silent truncation ----

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from jbert_ray.errors import UserError
 from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_batch, mask_tokens, pad_batch
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -156,5 +157,5 @@ def test_pad_batch_rejects_rows_longer_than_the_length():
 
 
 def test_config_rejects_impossible_fractions():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="must be ≤ 1"):
         MaskingConfig(replace_with_mask=0.9, replace_with_random=0.2)

@@ -19,8 +19,9 @@ from jbert_ray.model import (
 )
 from jbert_ray.tokenizer import JapaneseTokenizer
 from jbert_ray.train import PretrainConfig
+from jbert_ray.train_state import load_train_state, save_train_state
 from jbert_ray.train_step import lr_at, make_optimizer, train_step
-from jbert_ray.train_state import load_train_state, plan_stream, save_train_state
+from jbert_ray.train_stream import plan_stream
 
 VOCAB = 300
 

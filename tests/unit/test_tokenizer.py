@@ -6,6 +6,8 @@ import json
 import pickle
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from jbert_ray.errors import UserError
@@ -166,3 +168,24 @@ def test_character_tokenizer_directories_are_refused(tokenizer_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="character"):
         JapaneseTokenizer.from_pretrained(tmp_path)
+
+
+HARD_CHARACTERS = st.characters() | st.sampled_from(["\x00", "\u0301", "\u3099", "😀", "\u200d", "\ufeff", "\u200b", "\r"])
+
+
+@given(text=st.text(HARD_CHARACTERS | st.characters(categories=["Cs"]), max_size=60))
+@settings(deadline=None)
+def test_any_text_encodes_without_raising(tokenizer, text):
+    encoding = tokenizer.encode(text)
+    assert encoding.ids[0] == tokenizer.cls_token_id and encoding.ids[-1] == tokenizer.sep_token_id
+    assert len(encoding.ids) == len(encoding.word_start)
+
+
+VALID_CHARACTERS = st.characters(exclude_categories=["Cs"]) | st.sampled_from(["\u0301", "\u3099", "😀", "\u200d", "\ufeff", "\r"])
+
+
+@given(text=st.text(VALID_CHARACTERS.filter(lambda ch: ch != "\x00") | st.sampled_from("東京の猫ですア"), max_size=60)
+       | st.text("あ", min_size=90, max_size=120))  # words near WordPiece's 100-character limit
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_on_valid_unicode_ids_equal_bert_japanese_tokenizer(tokenizer, reference, text):
+    assert tokenizer.encode(text).ids == reference(text)["input_ids"]
