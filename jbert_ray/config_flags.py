@@ -28,7 +28,6 @@ class Flag:
     name: str | None = None  # the flag (default: --field-name)
     aliases: tuple[str, ...] = ()  # old spellings: still accepted, not shown in --help
     metavar: str | None = None
-    help: str | None = None  # instead of the field's comment
     hidden: bool = False  # a setting for Python callers and config files only
 
 
@@ -53,8 +52,8 @@ def add_config_flags(
         spec = flags.get(path, Flag())
         if spec.hidden:
             continue
-        base, _ = _unwrap_optional(setting.kind)
-        kwargs: dict[str, Any] = {"dest": path, "help": (spec.help or setting.comment).replace("%", "%%")}
+        base = _unwrap_optional(setting.kind)
+        kwargs: dict[str, Any] = {"dest": path, "help": setting.comment.replace("%", "%%")}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is Literal:
@@ -75,15 +74,13 @@ def add_config_flags(
 
 
 def config_from_args(
-    cls: type, args: argparse.Namespace, flags: dict[str, Flag] | None = None, prefix: str = "", **given: Any
+    cls: type, args: argparse.Namespace, flags: dict[str, Flag] | None = None, prefix: str = ""
 ):
-    """Build `cls` from parsed flags (`given` overrides or fills settings that have no flag)."""
+    """Build `cls` from parsed flags (`flags` only name them in error messages)."""
     values = {}
     for setting in _settings(cls):
         path = prefix + setting.name
-        if setting.name in given:
-            values[setting.name] = given[setting.name]
-        elif _is_config(setting.kind):
+        if _is_config(setting.kind):
             values[setting.name] = config_from_args(setting.kind, args, flags, prefix=path + ".")
         elif hasattr(args, path):
             values[setting.name] = getattr(args, path)
@@ -98,17 +95,6 @@ def config_from_args(
         name = str(first["loc"][0]) if first["loc"] else ""
         flag = (flags or {}).get(prefix + name, Flag()).name or "--" + name.replace("_", "-")
         raise UserError(f"{flag}: {first['msg']}") from None
-
-
-def flag_names(parser: argparse.ArgumentParser) -> set[str]:
-    """The long flags a parser shows in --help (hidden aliases left out)."""
-    return {
-        option
-        for action in parser._actions  # argparse keeps no public list of its options
-        if action.help != argparse.SUPPRESS
-        for option in action.option_strings
-        if option.startswith("--")
-    }
 
 
 @cache
@@ -156,9 +142,9 @@ def _is_config(kind: Any) -> bool:
     return inspect.isclass(kind) and dataclasses.is_dataclass(kind)
 
 
-def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
-    """`X | None` → (X, True); anything else → (kind, False)."""
+def _unwrap_optional(kind: Any) -> Any:
+    """`X | None` → X (the flag's type); anything else unchanged."""
     args = typing.get_args(kind)
     if type(None) in args and len(args) == 2:
-        return next(a for a in args if a is not type(None)), True
-    return kind, False
+        return next(a for a in args if a is not type(None))
+    return kind
