@@ -40,13 +40,9 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field(
-        default_factory=lambda: os.environ.get(MODEL_DIR_ENV, "")
-    )  # our model dir or a Tohoku-style one
+    model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # model directory
     device: str = "auto"  # replica device: auto (CUDA where the replica has a GPU), cpu, cuda or cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = (
-        "float32"  # weights; bfloat16 ~2x on GPUs and bf16 CPUs
-    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights; bfloat16 ~2x on GPUs, bf16 CPUs
     max_batch_size: int = Field(32, ge=1)  # texts per batched forward (@serve.batch)
     # On CPUs 30 ms measured best (2 CPUs, 32 clients, Serve's proxy: 119 vs 82 req/s at 5 ms; behind HAProxy
     # batches fill to ~15 texts): fewer, bigger forwards.
