@@ -110,7 +110,7 @@ def run(args, inputs: Path, out: Path) -> None:
     if "score" in phases:
         rows += score_rows(inputs, size, device)
     if "stream" in phases:
-        rows.append(stream_row(inputs / "shards", args.stream_cpus, 3 if args.dry_run else 60))
+        rows.append(stream_row(inputs / "shards", args.stream_cpus, *((3, 1) if args.dry_run else (60, 3))))
     if "product" in phases:
         step = next((r for r in rows if r["phase"] == "step" and r["what"].startswith("modernbert")), None)
         rows += product_rows(inputs, size, args.micro_batch, device, step, dry_run=args.dry_run)
@@ -335,7 +335,7 @@ def score_rows(inputs: Path, size: str, device) -> list[dict]:
     ]  # fmt: skip
 
 
-def stream_row(shards_dir: Path, cpus: int, seconds: float) -> dict:
+def stream_row(shards_dir: Path, cpus: int, seconds: float, epochs: int) -> dict:
     """Tokens/s the product masking stream delivers through iter_torch_batches with no model (Ray only)."""
     what = f"build_train_stream → iter_torch_batches, {cpus} CPUs, no model"
     if importlib.util.find_spec("ray") is None:
@@ -347,7 +347,7 @@ def stream_row(shards_dir: Path, cpus: int, seconds: float) -> dict:
     info = inspect_shards(shards_dir)
     # Three epochs planned, as a time-budgeted run plans them (each epoch is one read in the stream's union).
     cfg = PretrainConfig(data_dir=str(shards_dir), output_dir="", num_workers=1, global_batch_size=256,
-                         max_steps=3 * info.train_rows // 256 + 1)  # fmt: skip
+                         max_steps=max(1, epochs * info.train_rows // 256 - 1))  # fmt: skip
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -63,8 +63,8 @@ def submit(head, *job_args: str) -> str:
     address, env = head
     command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", "-m",
                *job_args]
-    deadline = time.time() + 90
-    while True:  # the head's job agent comes up some seconds after `ray start` returns
+    deadline = time.time() + 240
+    while True:  # the head's job agent comes up seconds after `ray start` returns (minutes beside another Ray)
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in result.stderr or time.time() > deadline:
             break
