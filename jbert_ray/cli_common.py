@@ -1,4 +1,4 @@
-"""What every `jbert` command shares: its subparser, the Ray and corpus flags, the local Ray, summary counts."""
+"""What every `jbert` command shares: its subparser, the Ray flags, the local Ray, summary counts."""
 
 from __future__ import annotations
 
