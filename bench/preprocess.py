@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,14 +126,11 @@ def make_corpora(source: Path, tmp: Path, limit: int | None) -> tuple[Path, Path
 
 
 def train_tokenizer(path: Path) -> Path:
-    from jbert_ray.text import normalize
-    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+    from jbert_ray.tokenizer import TokenizerConfig, train_vocab_on_texts
 
     sample = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
-    tagger = build_tagger()
     texts = (json.loads(line)["text"] for line in sample.open(encoding="utf-8"))
-    counts = Counter(word for text in texts for word in tagger.parse(normalize(text)).split())
-    train_vocab(counts, TokenizerConfig(vocab_size=8000)).save_pretrained(path)
+    train_vocab_on_texts(texts, TokenizerConfig(vocab_size=8000)).save_pretrained(path)
     return path
 
 

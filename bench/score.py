@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -59,13 +58,10 @@ def make_model(path: Path) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
     from jbert_ray.checkpoint import save_model_dir
-    from jbert_ray.text import normalize
-    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+    from jbert_ray.tokenizer import TokenizerConfig, train_vocab_on_texts
 
-    tagger = build_tagger()
     texts = [json.loads(line)["text"] for line in SAMPLE.open(encoding="utf-8")]
-    tokenizer = train_vocab(Counter(w for t in texts for w in tagger.parse(normalize(t)).split()),
-                            TokenizerConfig(vocab_size=8000))
+    tokenizer = train_vocab_on_texts(texts, TokenizerConfig(vocab_size=8000))
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=512)

@@ -108,19 +108,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_model(path: Path, size: str) -> str:
     """A randomly initialised BertForMaskedLM with a WordPiece vocabulary trained on the shared corpus."""
-    from collections import Counter
-
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     from jbert_ray.checkpoint import save_model_dir
-    from jbert_ray.text import normalize
-    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+    from jbert_ray.tokenizer import TokenizerConfig, train_vocab_on_texts
 
     texts = read_texts(TRAIN_CORPUS if TRAIN_CORPUS.is_file() else SAMPLE)
-    tagger = build_tagger()
-    counts = Counter(word for text in texts for word in tagger.parse(normalize(text)).split())
-    tokenizer = train_vocab(counts, TokenizerConfig(vocab_size=32768, min_frequency=1))
+    tokenizer = train_vocab_on_texts(texts, TokenizerConfig(vocab_size=32768, min_frequency=1))
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **SIZES[size])
     save_model_dir(path, BertForMaskedLM(config), tokenizer)

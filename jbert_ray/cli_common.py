@@ -46,6 +46,8 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
     summaries are what a user reads, and errors still reach the driver as exceptions. Ray Data's bars are drawn
     only on a terminal (redirected to a file they are pages of escape codes)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:  # Ray's forwarded lines without colour codes (redirected to a file they are noise)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
     import ray.data
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,13 @@ def train_vocab(
         mecab_dic=config.mecab_dic,
         model_max_length=config.model_max_length,
     )
+
+
+def train_vocab_on_texts(texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()) -> JapaneseTokenizer:
+    """`train_vocab` on the MeCab words of `texts`, counted in this process: for small corpora, tests and
+    benchmarks (`jbert vocab` counts across the cluster)."""
+    tagger = build_tagger(config.mecab_dic)
+    return train_vocab(Counter(word for text in texts for word in tagger.parse(normalize(text)).split()), config)
 
 
 def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096) -> Iterator[str]:

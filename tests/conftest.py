@@ -2,7 +2,6 @@
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -35,13 +34,10 @@ def sample_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, sample_texts) -> Path:
     """A WordPiece vocab trained on the sample's MeCab words, without Ray (about a second)."""
-    from jbert_ray.text import normalize
-    from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+    from jbert_ray.tokenizer import TokenizerConfig, train_vocab_on_texts
 
-    tagger = build_tagger()
-    counts = Counter(word for text in sample_texts for word in tagger.parse(normalize(text)).split())
     path = tmp_path_factory.mktemp("tokenizer")
-    train_vocab(counts, TokenizerConfig(vocab_size=TEST_VOCAB_SIZE)).save_pretrained(path)
+    train_vocab_on_texts(sample_texts, TokenizerConfig(vocab_size=TEST_VOCAB_SIZE)).save_pretrained(path)
     return path
 
 

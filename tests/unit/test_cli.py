@@ -63,8 +63,8 @@ def test_help_lists_exactly_one_flag_per_config_setting(command, config, flags, 
 def test_config_checks_run_for_python_callers_too():
     with pytest.raises(UserError, match="--top-k must be between 1 and 50"):
         ScoreConfig(input="corpus.jsonl", model_dir="model", output_dir="out", top_k=0)
-    with pytest.raises(UserError, match="--micro-batch-size must be at least 1"):
-        PretrainConfig(data_dir="shards", output_dir="run", micro_batch_size=0)
+    with pytest.raises(UserError, match="--eval-every must be at least 1"):
+        PretrainConfig(data_dir="shards", output_dir="run", eval_every=0)
     with pytest.raises(UserError, match="not both"):
         PreprocessConfig(input="c", tokenizer_dir="t", output_dir="o", resume=True, overwrite=True)
 
