@@ -10,7 +10,8 @@ CPUs, for the same --minutes of training (start-up and export are outside the bu
               Data masking stream, as users run it (extra flags after "LABEL:" in --run)
   hf-run_mlm  transformers' run_mlm recipe in one process: group_texts into 128-token blocks,
               DataCollatorForLanguageModeling (15% tokens, 80/10/10), BertForMaskedLM (dropout 0.1), AdamW 5e-4,
-              batch 32, warmup 200 steps, then linear decay laid over the budget (as ours), torch on all CPUs
+              batch 32, warmup 200 steps, then linear decay laid over the budget (as ours), torch on all CPUs,
+              bf16 autocast where ours uses it by default (as Trainer's --bf16 does on a CPU)
 One evaluator for every run: masked-token accuracy and perplexity with 15% *token* masking at a fixed seed over
 the same 400 blocks of 128 tokens of ../shared/corpus/ja_valid (split by source file), plus the top-5 fill-mask
 answers on FILL_MASK sentences written before any tuning, each with the content words we accept as plausible.
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
 from jbert_ray.tokenizer import JapaneseTokenizer
 from jbert_ray.train_state import read_metrics
+from jbert_ray.train_step import autocast_for
 
 CORPUS = REPO.parent / "shared" / "corpus"
 DIMS = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
@@ -151,6 +153,7 @@ def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes:
                         num_hidden_layers=DIMS["num_layers"], num_attention_heads=DIMS["num_heads"],
                         intermediate_size=DIMS["intermediate_size"], pad_token_id=hf_tokenizer.pad_token_id)
     model = BertForMaskedLM(config).train()
+    autocast = autocast_for(torch.device("cpu"))  # the precision ours picks on this CPU
     collator = DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.15)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
     budget = 60 * minutes
@@ -163,7 +166,8 @@ def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes:
             group["lr"] = lr
         rows = blocks[(step * 32) % len(blocks):][:32]
         batch = collator([{"input_ids": row.tolist()} for row in rows])
-        loss = model(**batch).loss
+        with autocast():
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -115,10 +115,18 @@ def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int
     }
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    return nullcontext  # fp32 on CPU
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (fp32 weights and optimizer) where the chip computes bf16 natively, else plain fp32."""
+    if precision == "fp32" or (precision == "auto" and not has_native_bf16(device)):
+        return nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """GPUs from Ampere on; CPUs with AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
