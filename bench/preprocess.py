@@ -1,7 +1,7 @@
 """Benchmark `jbert preprocess`: scaling 1 → 2 CPUs, memory ×1 vs ×4 corpus, and Ray's overhead over bare encoding.
 
-    python bench/preprocess.py            # ../shared/corpus/ja_train.jsonl.gz (88,802 records), ×1 and ×4
-    python bench/preprocess.py --quick    # its first 20,000 records, ×1 and ×4 (about a minute)
+    python bench/preprocess.py            # ×4 = ../shared/corpus/ja_train.jsonl.gz (88,802 records), ×1 = a quarter
+    python bench/preprocess.py --quick    # its first 20,000 records as ×4 (about a minute)
 
 Each Ray run gets a fresh local cluster. A "1 CPU" run pins the whole cluster (driver, raylet, workers) to one
 core with sched_setaffinity, a "2 CPU" run to two, so the ratio measures real cores and not just Ray's logical
@@ -29,6 +29,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from results import machine, publish
+
 SHARED_TRAIN = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
 QUICK_RECORDS = 20_000
 ALL_CORES = os.sched_getaffinity(0)
@@ -53,12 +57,13 @@ def main() -> None:
     if len(cores) < 2:
         sys.exit("needs at least 2 cores")
 
+    at_start = machine()
     with tempfile.TemporaryDirectory(prefix="jbert_bench_") as tmp:
         tmp = Path(tmp)
         x1, x4 = make_corpora(Path(args.corpus), tmp, QUICK_RECORDS if args.quick else None)
         tokenizer_dir = Path(args.tokenizer) if args.tokenizer else train_tokenizer(tmp / "tokenizer")
         texts = [json.loads(line)["text"] for line in x1.open(encoding="utf-8")]
-        print(f"corpus ×1: {len(texts):,} records, {sum(map(len, texts)):,} chars; ×4 = 4 copies of it")
+        print(f"corpus ×1: {len(texts):,} records, {sum(map(len, texts)):,} chars (a quarter of ×4)")
         print(
             f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (an idle machine reads ~0)"
         )
@@ -100,9 +105,10 @@ def main() -> None:
         ("Ray tokens per CPU-s ÷ bare (all Ray processes)", cpu_ratio(runs["2cpu_x4"], bare), "(info)"),
         ("  same, from the 1-CPU run", cpu_ratio(runs["1cpu_x4"], bare), "(info)"),
     ]
-    print(f"\n{'ratio':<48}{'measured':>10}  target")
-    for label, value, target in rows:
-        print(f"{label:<48}{value:>10.2f}  {target}")
+    publish("preprocess", f"`jbert preprocess`: scaling, memory and Ray's overhead (×1 = {len(texts):,} records, "
+            "a quarter of ×4)",
+            ["ratio", "measured", "target"], [[label, f"{value:.2f}", target] for label, value, target in rows],
+            at_start=at_start)  # fmt: skip
 
 
 def cpu_ratio(run: dict, bare: dict) -> float:
@@ -110,18 +116,20 @@ def cpu_ratio(run: dict, bare: dict) -> float:
 
 
 def make_corpora(source: Path, tmp: Path, limit: int | None) -> tuple[Path, Path]:
-    """×1 = the corpus (or its first `limit` records) as one .jsonl; ×4 = a folder of four copies of it."""
+    """×4 = the corpus (or its first `limit` records) as four quarter files; ×1 = the first quarter alone.
+
+    Four different texts, not four links to one file: caches cannot flatter the scaling or the memory figure."""
     opener = gzip.open if source.suffix == ".gz" else open
+    with opener(source, "rt", encoding="utf-8") as f:
+        lines = [line for n, line in zip(range(limit or 10**12), f)]
+    (tmp / "x4").mkdir()
+    quarter = -(-len(lines) // 4)
+    for part in range(4):
+        with (tmp / "x4" / f"corpus{part}.jsonl").open("w", encoding="utf-8") as out:
+            out.writelines(lines[part * quarter : (part + 1) * quarter])
     x1 = tmp / "x1" / "corpus.jsonl"
     x1.parent.mkdir()
-    with opener(source, "rt", encoding="utf-8") as f, x1.open("w", encoding="utf-8") as out:
-        for n, line in enumerate(f):
-            if limit is not None and n >= limit:
-                break
-            out.write(line)
-    (tmp / "x4").mkdir()
-    for copy in range(4):
-        os.link(x1, tmp / "x4" / f"corpus{copy}.jsonl")
+    os.link(tmp / "x4" / "corpus0.jsonl", x1)
     return x1, tmp / "x4"
 
 

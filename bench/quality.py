@@ -43,6 +43,9 @@ from jbert_ray.tokenizer import JapaneseTokenizer
 from jbert_ray.train_state import read_metrics
 from jbert_ray.train_step import autocast_for
 
+sys.path.insert(0, str(REPO / "bench"))
+from results import machine, publish
+
 CORPUS = REPO.parent / "shared" / "corpus"
 DIMS = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
 SEQ_LEN = 128
@@ -72,6 +75,7 @@ def main() -> None:
         help='"hf-run_mlm", or a label for `jbert pretrain` with extra flags (default: ours and hf-run_mlm)',
     )
     parser.add_argument("--rerun", action="store_true", help="train again even if a result is kept")
+    parser.add_argument("--note", action="append", default=[], help="a sentence printed under the table")
     args = parser.parse_args()
     work = Path(args.work)
     runs = args.run or ["ours", "hf-run_mlm"]
@@ -89,13 +93,17 @@ def main() -> None:
             trained = (train_hf_run_mlm(work, shards_dir, tokenizer_dir, args.minutes) if label == "hf-run_mlm"
                        else train_ours(work, label, shards_dir, args.minutes, shlex.split(flags)))
             result = {"label": label, "flags": flags, "minutes": args.minutes, **trained,
-                      **evaluator.evaluate(trained["model_dir"])}
+                      **evaluator.evaluate(trained["model_dir"]), "date": machine()["date"]}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, ensure_ascii=False, indent=1))
         results.append(result)
         print(f"[{label}] valid acc {result['accuracy']:.1%}, ppl {result['perplexity']:.1f}, "
               f"{result['plausible']}/{len(FILL_MASK)} fill-mask rows plausible", flush=True)
-    print_table(results)
+    if args.run:
+        name, title = f"quality-{args.minutes:g}min-levers", f"Learning: levers, {args.minutes:g} minutes each"
+    else:
+        name, title = "quality", f"Learning efficiency: {args.minutes:g} minutes of training, ours vs HF run_mlm"
+    publish_table(results, name, title, args.note)
     plot(results, work / "loss_vs_tokens.png")
 
 
@@ -227,18 +235,16 @@ class Evaluator:
                 "fill_mask": top5, "plausible": plausible}
 
 
-def print_table(results: list[dict]) -> None:
-    print("\n| run | flags | budget | steps | tokens | valid masked-token acc | valid ppl | fill-mask rows plausible |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['label']} | `{r['flags'] or '(defaults)'}` | {r['minutes']:g} min | {r['steps']:,} | "
-              f"{r['tokens'] / 1e6:.2f} M | {r['accuracy']:.1%} | {r['perplexity']:.1f} | "
-              f"{r['plausible']}/{len(FILL_MASK)} |")
-    print("\ntop-5 fill-mask answers:")
-    for i, (text, _) in enumerate(FILL_MASK):
-        print(f"  {text}")
-        for r in results:
-            print(f"    {r['label']:<14} {' / '.join(r['fill_mask'][i])}")
+def publish_table(results: list[dict], name: str, title: str, notes: list[str]) -> None:
+    rows = [[r["label"], f"`{r['flags'] or '(defaults)'}`", f"{r['minutes']:g} min", f"{r['steps']:,}",
+             f"{r['tokens'] / 1e6:.2f} M", f"{r['accuracy']:.1%}", f"{r['perplexity']:.1f}",
+             f"{r['plausible']}/{len(FILL_MASK)}", r.get("date", "")] for r in results]  # fmt: skip
+    answers = [f"`{text}`: " + "; ".join(f"{r['label']} {' / '.join(r['fill_mask'][i])}" for r in results)
+               for i, (text, _) in enumerate(FILL_MASK)]  # fmt: skip
+    publish(name, title,
+            ["run", "flags", "budget", "steps", "tokens", "valid masked-token acc", "valid ppl",
+             "fill-mask rows plausible", "trained on"], rows,
+            [*notes, "Top-5 fill-mask answers: " + " — ".join(answers)])  # fmt: skip
 
 
 def plot(results: list[dict], path: Path) -> None:

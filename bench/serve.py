@@ -5,8 +5,10 @@
     python bench/serve.py --model MODEL_DIR    # any model dir (ours, or a Tohoku-style HF Japanese BERT)
 
 1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serving`, @serve.batch) vs a plain FastAPI app
-   under uvicorn calling transformers `pipeline("fill-mask")` per request; requests/s, p50 and p99 of both. A third
-   row serves a model that does nothing the same way: Serve's own cost, the ceiling of the ratio on these CPUs.
+   calling transformers `pipeline("fill-mask")` per request under `uvicorn --workers R`: as many worker processes
+   as we get replicas, the same torch threads each (R × threads = the CPUs); requests/s, p50 and p99 of both. A
+   third row serves a model that does nothing the same way: Serve's own cost, the ceiling of the ratio on these
+   CPUs. bfloat16 weights are a row apart (the baseline runs fp32: not the same arithmetic).
 2. PLL scoring: `MaskedLM.score` vs naive PLL (one forward per masked position, batch 1) and vs batched masked
    copies with the full output layer at every position (the mlm-scoring way), same buckets and batch budget.
 Everything runs on 127.0.0.1, one phase after the other, with the same model and the same torch thread count.
@@ -30,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jbert_ray.serving import free_port  # after the path set-up that lets the bench run in place
+
+sys.path.insert(0, str(REPO / "bench"))
+from results import machine, publish
 
 SAMPLE = REPO / "jbert_ray" / "sample" / "ja_sample.jsonl"
 TRAIN_CORPUS = REPO.parent / "shared" / "corpus" / "ja_train.jsonl.gz"
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server:
-        return run_baseline_server(args.model, args.port, args.threads)
+        return run_baseline_server(args.model, args.port, args.threads, args.replicas)
+    at_start = machine()
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,11 +98,16 @@ def main(argv: list[str] | None = None) -> None:
             phases = {"baseline", "serve", "serve-noop", "score"} | ({"serve-bf16"} if has_fast_bf16() else set())
         if phases & {"baseline", "serve", "serve-noop", "serve-bf16"}:
             replicas = args.replicas or max(1, (os.cpu_count() or 1) // args.threads)
-            bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
+            rows = bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
+            publish("serve", f"Serving fill-mask over HTTP: {args.clients} clients, {replicas} replicas or uvicorn "
+                    f"workers × {args.threads} torch thread(s), {describe(model_dir)}",
+                    ["server", "requests/s", "p50 ms", "p99 ms", "÷ baseline"], rows, at_start=at_start)  # fmt: skip
         if "score" in phases:
-            bench_score(
+            rows = bench_score(
                 model_dir, args.threads, n_texts=32 if args.quick else 128, n_naive=6 if args.quick else 16
             )
+            publish("serve-pll", f"PLL scoring, one process × {args.threads} torch thread(s), {describe(model_dir)}",
+                    ["method", "sentences/s", "÷ naive", "÷ full output"], rows, at_start=at_start)  # fmt: skip
     print(
         f"load average after {os.getloadavg()[0]:.1f} (other processes share these CPUs: "
         "timings are noisy when it exceeds the CPU count)"
@@ -158,7 +169,7 @@ def bench_sentences(model_dir: str, n: int, masked: bool) -> list[str]:
 
 def bench_http(
     model_dir: str, clients: int, per_client: int, threads: int, replicas: int, phases: set[str]
-) -> None:
+) -> list[list]:
     bodies = [{"text": t, "top_k": 5} for t in bench_sentences(model_dir, 256, masked=True)]
     total = clients * per_client
     print(
@@ -167,9 +178,10 @@ def bench_http(
         flush=True,
     )
     baseline = ours = None
+    rows: list[list] = []
     if "baseline" in phases:
         port = free_port()
-        command = [sys.executable, __file__, "--baseline-server", "--model", model_dir]
+        command = [sys.executable, __file__, "--baseline-server", "--model", model_dir, "--replicas", str(replicas)]
         server = subprocess.Popen([*command, "--port", str(port), "--threads", str(threads)])
         try:
             wait_until_up(f"http://127.0.0.1:{port}/healthz", server)
@@ -177,27 +189,18 @@ def bench_http(
         finally:
             server.terminate()
             server.wait(30)
-        report("plain FastAPI + uvicorn + pipeline", baseline)
+        rows.append(report(f"baseline: FastAPI + pipeline, uvicorn --workers {replicas}", baseline))
     if "serve" in phases:
         ours = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas)
-        report(f"Ray Serve (jbert_ray), {replicas} replica(s)", ours)
+        rows.append(report(f"ours: `jbert serve`, {replicas} replica(s)", ours, baseline))
         print(f"  (ingress: {ours['ingress']})", flush=True)
-    if baseline and ours:
-        print(f"  requests/s ratio: {ours['rps'] / baseline['rps']:.2f}x (target >= 3)", flush=True)
     if "serve-noop" in phases:  # what Serve itself allows on these CPUs: the ceiling of the ratio above
         noop = run_noop_serve_load(bodies, clients, per_client, replicas)
-        report("Ray Serve, no-op model (Serve alone)", noop)
-        if baseline:
-            print(f"  ceiling: no-op Serve ÷ baseline: {noop['rps'] / baseline['rps']:.2f}x", flush=True)
-    if (
-        "serve-bf16" in phases
-    ):  # a serving option, not the same arithmetic: reported apart from the ratio above
+        rows.append(report("Ray Serve around a no-op model (Serve's own ceiling)", noop, baseline))
+    if "serve-bf16" in phases:  # a serving option, not the same arithmetic: a row apart
         half = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas, dtype="bfloat16")
-        report("Ray Serve, bfloat16 weights", half)
-        if baseline:
-            print(
-                f"  requests/s ratio with bfloat16 weights: {half['rps'] / baseline['rps']:.2f}x", flush=True
-            )
+        rows.append(report("ours with bfloat16 weights (not the same arithmetic)", half, baseline))
+    return rows
 
 
 def run_serve_load(
@@ -327,7 +330,7 @@ def run_clients(client, clients: int, count: int, record: bool) -> None:
         worker.join()
 
 
-def report(name: str, result: dict) -> None:
+def report(name: str, result: dict, baseline: dict | None = None) -> list:
     extra = ""
     if "max_batch" in result:
         extra = f"   batch mean {result['mean_batch']:.1f}, max {result['max_batch']}"
@@ -337,17 +340,29 @@ def report(name: str, result: dict) -> None:
         f"p99 {result['p99'] * 1000:7.1f} ms{extra}{errors}",
         flush=True,
     )
+    ratio = f"{result['rps'] / baseline['rps']:.2f}×" if baseline else "1.00×"
+    return [name + (f" ({result['errors']} errors)" if result["errors"] else ""), f"{result['rps']:.1f}",
+            f"{result['p50'] * 1000:.0f}", f"{result['p99'] * 1000:.0f}", ratio]  # fmt: skip
 
 
-def run_baseline_server(model_dir: str, port: int, threads: int) -> None:
-    """What a user would otherwise write: FastAPI + uvicorn, transformers' pipeline called per request."""
-    import torch
+def run_baseline_server(model_dir: str, port: int, threads: int, workers: int) -> None:
+    """What a user would otherwise write: FastAPI + transformers' pipeline per request, under `uvicorn --workers`
+    (as many worker processes as we get replicas, the same torch threads in each)."""
     import uvicorn
+
+    os.environ.update(JBERT_BENCH_MODEL=model_dir, JBERT_BENCH_THREADS=str(threads))
+    uvicorn.run(f"{Path(__file__).stem}:baseline_app", factory=True, app_dir=str(Path(__file__).parent),
+                host="127.0.0.1", port=port, workers=workers, log_level="warning")  # fmt: skip
+
+
+def baseline_app():
+    """The baseline's app, built in each uvicorn worker process."""
+    import torch
     from fastapi import FastAPI
     from transformers import pipeline
 
-    torch.set_num_threads(threads)
-    fill_mask = pipeline("fill-mask", model=model_dir, device="cpu")
+    torch.set_num_threads(int(os.environ["JBERT_BENCH_THREADS"]))
+    fill_mask = pipeline("fill-mask", model=os.environ["JBERT_BENCH_MODEL"], device="cpu")
     app = FastAPI()
 
     @app.get("/healthz")
@@ -358,13 +373,13 @@ def run_baseline_server(model_dir: str, port: int, threads: int) -> None:
     def predict(body: dict) -> list:
         return fill_mask(body["text"], top_k=body.get("top_k", 5))
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return app
 
 
 # ---- 2. PLL scoring ----
 
 
-def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> None:
+def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> list[list]:
     import torch
 
     from jbert_ray.inference import MaskedLM
@@ -383,6 +398,10 @@ def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> Non
     full, full_s = timed(lambda: full_output_pll(lm, texts))
     naive, naive_s = timed(lambda: naive_pll(lm, texts[:n_naive]))
     rate = {"ours": len(texts) / ours_s, "full": len(texts) / full_s, "naive": n_naive / naive_s}
+    names = {"ours": "`MaskedLM.score` (ours)", "naive": "naive PLL: batch 1, full output layer",
+             "full": "batched masked copies, full output layer"}  # fmt: skip
+    rows = [[names[k], f"{rate[k]:.2f}", f"{rate[k] / rate['naive']:.2f}×", f"{rate[k] / rate['full']:.2f}×"]
+            for k in ("ours", "naive", "full")]  # fmt: skip
     print(f"  {'MaskedLM.score':<36} {rate['ours']:8.2f} sentences/s", flush=True)
     print(
         f"  {'naive PLL (batch 1, full output)':<36} {rate['naive']:8.2f} sentences/s   "
@@ -397,6 +416,7 @@ def bench_score(model_dir: str, threads: int, n_texts: int, n_naive: int) -> Non
     print(
         f"  max |token PLL difference|: vs naive {diff_naive:.1e}, vs full output {diff_full:.1e}", flush=True
     )
+    return rows
 
 
 def naive_pll(lm, texts: list[str]) -> list[list[float]]:

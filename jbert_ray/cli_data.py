@@ -10,6 +10,8 @@ from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray
 from jbert_ray.config_flags import Flag, add_config_flags, config_from_args
 from jbert_ray.errors import UserError
 
+PADDING_WARNING = 0.25  # share of padding in a batch padded to --max-seq-len above which preprocess warns
+
 CORPUS_FLAGS = {
     "input": Flag(metavar="CORPUS"),
     "text.max_chars": Flag("--max-record-chars"),
@@ -88,6 +90,10 @@ def _run_preprocess(args: argparse.Namespace) -> None:
     init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     m = run_preprocess(job)
     rejected = by_reason(m["rejects_by_reason"])
+    if m["padding_waste"] > PADDING_WARNING:
+        remedy = "shorter --max-seq-len" if config.pack_across_docs else "--pack-across-docs to fill rows"
+        print(f"preprocess: warning: {m['padding_waste']:.0%} of every training batch will be padding; "
+              f"use {remedy}", file=sys.stderr)  # fmt: skip
     splits = "; ".join(
         f"{name}: {s['sequences']:,} rows, {s['tokens']:,} tokens" for name, s in m["splits"].items()
     )

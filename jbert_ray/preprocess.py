@@ -56,7 +56,7 @@ class PreprocessConfig:
     text_field: str = "text"  # JSON field or parquet column holding the text
     id_field: str | None = None  # JSON field or parquet column with document ids; None = file:line
     text: TextConfig = field(default_factory=TextConfig)
-    pack_across_docs: bool = False  # let a row hold the end of one document and the start of the next
+    pack_across_docs: bool = True  # fill rows with the next documents ([SEP] between); off: a row per document
     valid_fraction: float = 0.0  # share of documents (by a hash of their id) written to valid/
     num_actors: int = 0  # tokenizer actors; 0 = one per CPU of the cluster
     batch_size: int = 2048  # records per actor call (one shard file per split per batch)
@@ -118,8 +118,8 @@ def pack_records(
 ) -> tuple[dict[str, list[Packed]], list[str], dict]:
     """Clean, split, tokenize and pack one batch of records (pure: no Ray, no I/O).
 
-    Returns (rows per split, rejects as JSON lines, counts). Each kept record is one document; documents are
-    packed on their own unless `config.pack_across_docs`.
+    Returns (rows per split, rejects as JSON lines, counts). Each kept record is one document; with
+    `config.pack_across_docs` off, each starts a fresh row.
     """
     packers = {s: Packer(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id) for s in SPLITS}
     counts = new_counts()

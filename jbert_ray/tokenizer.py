@@ -2,7 +2,8 @@
 
 The saved directory is laid out like the Tohoku Japanese BERT ones, so `transformers.AutoTokenizer` loads it as
 `BertJapaneseTokenizer`; our batch path gives the same ids, only faster: MeCab in wakati mode and a word → ids
-cache in front of WordPiece (most Japanese words are whole vocabulary entries, so a miss is rare).
+cache in front of WordPiece (most Japanese words are whole vocabulary entries, so a miss is rare); a batch's
+unseen words go to WordPiece in one call, and a text of one-piece words is looked up without a Python loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -23,6 +25,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
 MAX_WORD_CHARS = 100  # longer words become [UNK], as in transformers' WordpieceTokenizer
 _CACHE_LIMIT = 1_000_000  # words; bounds memory on corpora with endless unique strings (hashes, URLs)
+_SEVERAL_PIECES = -1  # in the word cache: the word's ids are in the multi-piece cache
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 _DICTIONARY_PACKAGES = {"unidic_lite": "unidic-lite", "unidic": "unidic", "ipadic": "ipadic"}
 
@@ -77,7 +80,8 @@ class JapaneseTokenizer:
         self._layout_ids = frozenset((self.pad_token_id, self.cls_token_id, self.sep_token_id))
         self._tagger = None  # built on first use, so the object pickles to Ray workers cheaply
         self._wordpiece = None
-        self._cache: dict[str, tuple[tuple[int, ...], tuple[bool, ...]]] = {}
+        self._word_ids: dict[str, int] = {}  # word → its id, or _SEVERAL_PIECES (ids in _multi_piece)
+        self._multi_piece: dict[str, list[int]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -151,28 +155,79 @@ class JapaneseTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         """Token ids and word starts of one text."""
-        ids: list[int] = []
-        starts: list[bool] = []
-        if add_special_tokens:
-            ids.append(self.cls_token_id)
-            starts.append(True)
-        # Special tokens written in the text ("[MASK]") are split out before normalization, like transformers.
-        chunks = _SPECIAL_SPLIT.split(text) if "[" in text else (text,)
-        for chunk in chunks:
-            special_id = self.token_to_id.get(chunk) if chunk in SPECIAL_TOKENS else None
-            if special_id is not None:
-                ids.append(special_id)
-                starts.append(True)
+        return self.encode_batch([text], add_special_tokens)[0]
+
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[Encoding]:
+        """Encode many texts; ids equal `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`."""
+        chunked = [self._chunks(text) for text in texts]
+        self._learn_words(chunk for chunks in chunked for chunk in chunks if isinstance(chunk, list))
+        return [self._assemble(chunks, add_special_tokens) for chunks in chunked]
+
+    def _chunks(self, text: str) -> list[int | list[str]]:
+        """A text as special-token ids and MeCab word lists; "[MASK]" written in the text is split out before
+        normalization, like transformers does."""
+        if "[" not in text:
+            return [self.words(text)] if text else []
+        chunks: list[int | list[str]] = []
+        for chunk in _SPECIAL_SPLIT.split(text):
+            if chunk in SPECIAL_TOKENS:
+                chunks.append(self.token_to_id[chunk])
             elif chunk:
-                self._extend_with_words(self.words(chunk), ids, starts)
+                chunks.append(self.words(chunk))
+        return chunks
+
+    def _learn_words(self, word_lists: Iterable[list[str]]) -> None:
+        """WordPiece for every word not yet cached, in one `tokenizers` call (set work runs in C, not per word)."""
+        batch = set(chain.from_iterable(word_lists))
+        unseen = batch.difference(self._word_ids)
+        if not unseen:
+            return
+        if len(self._word_ids) + len(unseen) > _CACHE_LIMIT:  # start afresh with just this batch's words
+            self._word_ids.clear()
+            self._multi_piece.clear()
+            unseen = batch
+        words = list(unseen)
+        encoding = self._wordpiece_tokenizer().encode(
+            [w.lower() for w in words] if self.do_lower_case else words, is_pretokenized=True,
+            add_special_tokens=False,
+        )  # fmt: skip
+        pieces: list[list[int]] = [[] for _ in words]
+        for piece_id, word_index in zip(encoding.ids, encoding.word_ids):
+            pieces[word_index].append(piece_id)
+        for word, ids in zip(words, pieces):
+            if len(ids) == 1:
+                self._word_ids[word] = ids[0]
+            else:
+                self._word_ids[word] = _SEVERAL_PIECES
+                self._multi_piece[word] = ids
+
+    def _assemble(self, chunks: list[int | list[str]], add_special_tokens: bool) -> Encoding:
+        ids: list[int] = [self.cls_token_id] if add_special_tokens else []
+        starts: list[bool] = [True] * len(ids)
+        for chunk in chunks:
+            if isinstance(chunk, int):
+                ids.append(chunk)
+                starts.append(True)
+                continue
+            found = list(map(self._word_ids.__getitem__, chunk))  # one id per word: the common case, in C
+            if _SEVERAL_PIECES not in found:
+                ids.extend(found)
+                starts.extend([True] * len(found))
+                continue
+            done = 0  # copy the one-piece runs between multi-piece words in slices
+            while (at := _find(found, _SEVERAL_PIECES, done)) >= 0:
+                pieces = self._multi_piece[chunk[at]]
+                ids.extend(found[done:at])
+                ids.extend(pieces)
+                starts.extend([True] * (at - done + 1))
+                starts.extend([False] * (len(pieces) - 1))
+                done = at + 1
+            ids.extend(found[done:])
+            starts.extend([True] * (len(found) - done))
         if add_special_tokens:
             ids.append(self.sep_token_id)
             starts.append(True)
         return Encoding(ids, starts)
-
-    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[Encoding]:
-        """Encode many texts; ids equal `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`."""
-        return [self.encode(text, add_special_tokens) for text in texts]
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.vocab[i] for i in ids]
@@ -182,32 +237,27 @@ class JapaneseTokenizer:
         tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self._layout_ids)]
         return "".join(t.removeprefix("##") for t in tokens)
 
-    def _extend_with_words(self, words: list[str], ids: list[int], starts: list[bool]) -> None:
-        cache = self._cache
-        for word in words:
-            pieces = cache.get(word)
-            if pieces is None:
-                pieces = self._word_pieces(word)
-                if len(cache) < _CACHE_LIMIT:
-                    cache[word] = pieces
-            ids.extend(pieces[0])
-            starts.extend(pieces[1])
-
-    def _word_pieces(self, word: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    def _wordpiece_tokenizer(self):
         if self._wordpiece is None:
+            from tokenizers import Tokenizer
             from tokenizers.models import WordPiece
 
-            self._wordpiece = WordPiece(
-                self.token_to_id, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS
+            self._wordpiece = Tokenizer(
+                WordPiece(self.token_to_id, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS)
             )
-        if self.do_lower_case:
-            word = word.lower()
-        piece_ids = tuple(token.id for token in self._wordpiece.tokenize(word))
-        return piece_ids, (True,) + (False,) * (len(piece_ids) - 1)
+        return self._wordpiece
 
     def __getstate__(self) -> dict:
         # The MeCab tagger cannot be pickled and the cache can be large: workers rebuild both.
-        return {**self.__dict__, "_tagger": None, "_wordpiece": None, "_cache": {}}
+        return {**self.__dict__, "_tagger": None, "_wordpiece": None, "_word_ids": {}, "_multi_piece": {}}
+
+
+def _find(values: list[int], value: int, start: int) -> int:
+    """Index of `value` in `values` from `start` on (a C-level scan), or -1."""
+    try:
+        return values.index(value, start)
+    except ValueError:
+        return -1
 
 
 def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -30,7 +31,15 @@ from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources
 from jbert_ray.progress import MetricsWatcher
 from jbert_ray.shards import ShardInfo
 from jbert_ray.train_state import METRICS_FILE, MetricsLog, load_train_state, plot_curves, save_train_state
-from jbert_ray.train_step import all_reduce, autocast_for, evaluate, lr_at, make_optimizer, train_step
+from jbert_ray.train_step import (
+    all_reduce,
+    autocast_for,
+    evaluate,
+    has_native_bf16,
+    lr_at,
+    make_optimizer,
+    train_step,
+)
 from jbert_ray.train_stream import (
     PROGRESS_FILE,
     STREAM_FILE,
@@ -164,6 +173,7 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     check_batch(cfg, shards)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
     check_run_dir(run_dir, cfg, hf_config)
+    threads = torch_threads(cfg, node_cpus, len(cpu_nodes))
     import ray.data
 
     # Training progress comes from the metrics rows (MetricsWatcher): no Ray Data bars for the valid stream either.
@@ -182,7 +192,7 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
             "run_dir": str(run_dir),
             "tokenizer_dir": str(shards.tokenizer_dir),
             "has_valid": has_valid,
-            "torch_threads": torch_threads(cfg, node_cpus, len(cpu_nodes)),
+            "torch_threads": threads,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -199,12 +209,27 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
         ),
         datasets=datasets,
     )
+    if cfg.show_progress:
+        print(f"pretrain: {_plan(cfg, threads)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     watcher = MetricsWatcher(run_dir / METRICS_FILE, cfg.time_budget_min, cfg.max_steps)
     with watcher if cfg.show_progress else nullcontext():
         result = trainer.fit()
     data_context.enable_progress_bars = bars
     return _finish(run_dir, result, time.perf_counter() - started)
+
+
+def _plan(cfg: PretrainConfig, threads: int) -> str:
+    """What the automatic settings chose, said once at the start."""
+    if cfg.use_gpu:
+        where = f"{cfg.num_workers} GPU worker(s)"
+    else:
+        where = f"{cfg.num_workers} CPU worker(s) × {threads} torch thread(s)"
+    precision = cfg.precision
+    if precision == "auto" and not cfg.use_gpu:  # GPU workers decide on their own device
+        precision = "bf16" if has_native_bf16(torch.device("cpu")) else "fp32"
+    return (f"{where}, micro-batch {cfg.micro_batch_size}, global batch {cfg.global_batch_size}, "
+            f"precision {precision}")  # fmt: skip
 
 
 def auto_workers(use_gpu: bool, cluster: dict, cpu_nodes: int) -> int:

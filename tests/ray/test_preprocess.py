@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from jbert_ray.cli import main
+from jbert_ray.cli_data import PADDING_WARNING
 from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig, run_preprocess
 from jbert_ray.text import clean_text, split_sentences
@@ -38,8 +39,9 @@ def read_split(shards: Path, split: str = "train") -> list[dict]:
 
 
 def config(corpus, tokenizer_dir, out, **overrides) -> PreprocessConfig:
+    """One document per row unless overridden: these tests find each document by its rows' doc_id."""
     values = {"input": str(corpus), "tokenizer_dir": str(tokenizer_dir), "output_dir": str(out)}
-    values["show_progress"] = False
+    values["show_progress"], values["pack_across_docs"] = False, False
     return PreprocessConfig(**{**values, **overrides})
 
 
@@ -160,7 +162,7 @@ def test_planted_bad_records_are_counted_and_kept_in_rejects(
     corpus, expected, counts = bad_corpus
     out = tmp_path / "shards"
     assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                 "--no-progress", "--batch-size", "64"]) == 0  # fmt: skip
+                 "--no-progress", "--batch-size", "64", "--no-pack-across-docs"]) == 0  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejects_by_reason"] == dict(expected)
     assert {key: manifest[key] for key in counts} == counts
@@ -190,14 +192,18 @@ def test_refusals_are_one_clear_line(ray_cluster, tokenizer_dir, tmp_path, capsy
     assert (tmp_path / "out" / "keep.txt").exists()
 
 
-def test_pack_across_docs_fills_rows_with_the_same_tokens(ray_cluster, tokenizer_dir, sample_texts, tmp_path):
-    corpus = write_jsonl(tmp_path / "ja.jsonl", sample_texts[:400])
-    per_doc = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "per_doc"))
-    across = run_preprocess(config(corpus, tokenizer_dir, tmp_path / "across", pack_across_docs=True))
+def test_rows_are_filled_across_documents_by_default(ray_cluster, tokenizer_dir, sample_texts, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "ja.jsonl", sample_texts[:400])  # one paragraph per record, like ja_train
+    args = ["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "per_doc"), "--no-pack-across-docs"]) == 0
+    warning = capsys.readouterr().err.strip()
+    assert "of every training batch will be padding; use --pack-across-docs" in warning
+    across, per_doc = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("default", "per_doc"))
     assert across["sentence_tokens"] == per_doc["sentence_tokens"]
-    assert (
-        across["sequences"] < per_doc["sequences"] / 3 and across["padding_waste"] < per_doc["padding_waste"]
-    )
+    assert across["sequences"] < per_doc["sequences"] / 3
+    assert across["padding_waste"] <= 0.15 < PADDING_WARNING < per_doc["padding_waste"]
 
 
 def test_removed_static_masking_flag_is_one_clear_line(tokenizer_dir, tmp_path, capsys):
@@ -225,6 +231,7 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
         str(out),
         "--batch-size",
         "100",
+        "--no-pack-across-docs",
     ]
     # Our own child (and the local Ray it starts) in a fresh process group, so only it is killed.
     log = (tmp_path / "child.log").open("w")

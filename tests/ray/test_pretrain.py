@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +110,16 @@ def test_rerun_resumes_the_step_count_and_the_loss(first_run, shards, tmp_path):
     assert json.loads((out / "stream.json").read_text())["consumed"] == 30 * 16
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Ray Train's controller has taken in a checkpoint (workers persist one a moment before the controller
+    registers it; a restart in between starts from scratch)."""
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text())["latest_checkpoint_result"] is not None
+    except (OSError, ValueError):
+        return False
+
+
 def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_cluster, shards, tmp_path):
     out = tmp_path / "killed"
     argv = pretrain_argv(shards, out, "--max-steps", "40", "--checkpoint-every", "10", "--max-failures", "2")
@@ -116,9 +127,12 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_c
     runner = threading.Thread(target=lambda: status.setdefault("code", main(argv)))
     runner.start()
     deadline = time.monotonic() + 240
-    while not (out / "progress.json").exists() and time.monotonic() < deadline and runner.is_alive():
+    def checkpointed_yet() -> bool:
+        return _registered_checkpoint(out) and (out / "progress.json").exists()
+
+    while not checkpointed_yet() and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.2)
-    assert (out / "progress.json").exists(), "no checkpoint was written"
+    assert checkpointed_yet(), "no checkpoint was written"
     checkpointed = json.loads((out / "progress.json").read_text())["step"]
     rows_before = read_metrics(out / "metrics.csv")
     victim = json.loads((out / "workers" / "rank_1.json").read_text())["pid"]

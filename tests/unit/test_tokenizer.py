@@ -113,6 +113,16 @@ def test_mask_token_in_text_is_one_special_token(tokenizer):
     assert encoding.ids.count(tokenizer.mask_token_id) == 1
 
 
+def test_a_full_word_cache_is_emptied_and_ids_stay_the_same(tokenizer_dir, sample_texts, monkeypatch):
+    import jbert_ray.tokenizer as tokenizer_module
+
+    expected = [e.ids for e in JapaneseTokenizer.from_pretrained(tokenizer_dir).encode_batch(sample_texts[:300])]
+    monkeypatch.setattr(tokenizer_module, "_CACHE_LIMIT", 200)
+    small = JapaneseTokenizer.from_pretrained(tokenizer_dir)
+    ids = [e.ids for batch in range(0, 300, 5) for e in small.encode_batch(sample_texts[batch : batch + 5])]
+    assert ids == expected and len(small._word_ids) <= 200 + 150  # cleared when full (5 texts add < 150 words)
+
+
 def test_pickled_tokenizer_encodes_the_same(tokenizer, sample_texts):
     clone = pickle.loads(pickle.dumps(tokenizer))
     assert [e.ids for e in clone.encode_batch(sample_texts[:50])] == [
