@@ -9,7 +9,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import report  # noqa: E402
+import report
 
 
 def test_readme_benchmark_section_matches_the_result_files():
