@@ -199,7 +199,7 @@ def run_plain_loop(info, size: str, minutes: float, precision: str) -> dict:
     module, optimizer = SparseMaskedLM(model), make_optimizer(model, PretrainConfig(data_dir="", output_dir=""))
     table = pq.read_table(info.train_files, columns=["input_ids", "word_start"])
     order = np.random.default_rng(0).permutation(table.num_rows)
-    mask_kwargs = {"vocab_size": info.vocab_size, "special_ids": tokenizer.all_special_ids,
+    mask_kwargs = {"vocab_size": info.vocab_size, "special_ids": sorted(tokenizer.special_ids),
                    "mask_id": tokenizer.mask_token_id, "pad_id": tokenizer.pad_token_id, "max_seq_len": SEQ_LEN,
                    "config": MaskingConfig()}  # fmt: skip
     autocast, batch_size = autocast_for(torch.device("cpu"), precision), DEFAULT_MICRO_BATCH_CPU
