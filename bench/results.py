@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def publish(name: str, title: str, columns: list[str], rows: list[list], notes: 
     record = {
         "name": name,
         "title": title,
-        "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "command": shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": at_start or machine(),
         "columns": columns,
         "rows": [[str(cell) for cell in row] for row in rows],
