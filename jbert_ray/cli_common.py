@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -58,7 +59,19 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
             # address="local": never attach by accident to a cluster some `ray start` left on this machine.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                      log_to_driver=verbose)  # fmt: skip
-    ray.data.DataContext.get_current().enable_progress_bars = show_progress and sys.stderr.isatty()
+    bars = show_progress and sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = bars
+    if not verbose:
+        # Ray Data's and Serve's INFO lines (execution plans, "finished in") stay in Ray's logs, and Ray Data's notice
+        # that bars are off (we turned them off: a file full of escape codes helps nobody) is not printed.
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application is ready"
+        if not bars:
+            from ray.util.debug import log_once
+
+            log_once("ray_data_progress_manager_disabled")
 
 
 def by_reason(counts: dict[str, int]) -> str:
