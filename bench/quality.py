@@ -76,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--rerun", action="store_true", help="train again even if a result is kept")
     parser.add_argument("--note", action="append", default=[], help="a sentence printed under the table")
+    parser.add_argument("--table", help="name of the results file (default: quality, or quality-Mmin-levers)")
     args = parser.parse_args()
     work = Path(args.work)
     runs = args.run or ["ours", "hf-run_mlm"]
@@ -103,7 +104,7 @@ def main() -> None:
         name, title = f"quality-{args.minutes:g}min-levers", f"Learning: levers, {args.minutes:g} minutes each"
     else:
         name, title = "quality", f"Learning efficiency: {args.minutes:g} minutes of training, ours vs HF run_mlm"
-    publish_table(results, name, title, args.note)
+    publish_table(results, args.table or name, title, args.note)
     plot(results, work / "loss_vs_tokens.png")
 
 
