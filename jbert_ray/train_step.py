@@ -126,7 +126,9 @@ def has_native_bf16(device: torch.device) -> bool:
     """GPUs from Ampere on; CPUs with AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # torch's own checks, private in 2.x: a torch without them is treated as having neither
+    checks = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return device.type == "cpu" and any(check() for check in checks)
 
 
 def all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
