@@ -127,7 +127,8 @@ def has_native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     # torch's own checks, private in 2.x: a torch without them is treated as having neither
-    checks = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    checks = (getattr(torch.cpu, name, lambda: False) for name in names)
     return device.type == "cpu" and any(check() for check in checks)
 
 
