@@ -141,7 +141,6 @@ def train_ours(work: Path, label: str, shards_dir: Path, minutes: float, flags: 
 
 def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes: float) -> dict:
     """transformers' run_mlm recipe on the same token stream, for the same training time, all CPU threads."""
-    import pyarrow.parquet as pq
     from transformers import (
         BertConfig,
         BertForMaskedLM,
@@ -154,9 +153,7 @@ def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     hf_tokenizer = BertJapaneseTokenizer.from_pretrained(tokenizer_dir)
-    ids = np.concatenate([np.concatenate(pq.read_table(f, columns=["input_ids"])["input_ids"].to_numpy(False))
-                          for f in sorted((shards_dir / "train").glob("**/*.parquet"))])
-    blocks = ids[: len(ids) // SEQ_LEN * SEQ_LEN].reshape(-1, SEQ_LEN)  # group_texts
+    blocks = grouped_blocks(sorted((shards_dir / "train").glob("**/*.parquet")))
     np.random.default_rng(0).shuffle(blocks)
     config = BertConfig(vocab_size=hf_tokenizer.vocab_size, hidden_size=DIMS["hidden_size"],
                         num_hidden_layers=DIMS["num_layers"], num_attention_heads=DIMS["num_heads"],
@@ -190,6 +187,15 @@ def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes:
     save_model_dir(model_dir, model, JapaneseTokenizer.from_pretrained(tokenizer_dir))
     return {"model_dir": str(model_dir), "steps": step, "tokens": tokens, "train_s": time.perf_counter() - started,
             "wall_s": time.perf_counter() - started, "curve": curve}
+
+
+def grouped_blocks(train_files: list[Path]) -> np.ndarray:
+    """run_mlm's group_texts: every training token in order, cut into SEQ_LEN-token blocks."""
+    import pyarrow.parquet as pq
+
+    ids = np.concatenate([np.concatenate(pq.read_table(f, columns=["input_ids"])["input_ids"].to_numpy(False))
+                          for f in train_files])  # fmt: skip
+    return ids[: len(ids) // SEQ_LEN * SEQ_LEN].reshape(-1, SEQ_LEN)
 
 
 class Evaluator:

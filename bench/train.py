@@ -34,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from quality import prepare_data  # the same tokenizer and shards as bench/quality.py
+from quality import grouped_blocks, prepare_data  # the same tokenizer and shards as bench/quality.py
 from results import machine, publish
 from transformers import TrainerCallback
 
@@ -115,16 +115,6 @@ def run_ours(shards_dir: Path, size: str, minutes: float) -> dict:
     return {"steps": int(last["step"]), "tokens": int(last["tokens"]), "train_s": last["elapsed_s"]}
 
 
-def grouped_blocks(info) -> list[list[int]]:
-    """run_mlm's group_texts: every training token in order, cut into SEQ_LEN-token blocks."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    ids = np.concatenate([np.concatenate(pq.read_table(f, columns=["input_ids"])["input_ids"].to_numpy(False))
-                          for f in info.train_files])  # fmt: skip
-    return ids[: len(ids) // SEQ_LEN * SEQ_LEN].reshape(-1, SEQ_LEN).tolist()
-
-
 def run_hf_trainer(info, arch: str, size: str, minutes: float, precision: str) -> dict:
     """Trainer + DataCollatorForLanguageModeling, the way run_mlm.py wires them; a callback ends it on time."""
     import torch
@@ -145,7 +135,7 @@ def run_hf_trainer(info, arch: str, size: str, minutes: float, precision: str) -
     if arch == "bert":  # run_mlm's BERT keeps its library defaults (dropout 0.1), as its users get it
         config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**config))
-    blocks = [{"input_ids": block} for block in grouped_blocks(info)]
+    blocks = [{"input_ids": block} for block in grouped_blocks(info.train_files).tolist()]
     clock = TrainingClock(60 * minutes)
     trainer = Trainer(
         model=model,
