@@ -52,6 +52,8 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
     import ray
     import ray.data
 
+    if not verbose:  # ray.init's notice that a local cluster has token authentication on (its secure default)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=verbose)
