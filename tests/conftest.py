@@ -1,13 +1,17 @@
-"""Shared fixtures: the bundled Japanese sample, a small tokenizer trained on it, and one local Ray cluster."""
+"""Shared fixtures: the bundled Japanese sample, a small tokenizer trained on it, one local Ray cluster and one local
+S3-compatible server."""
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Credentials for the local S3 server (moto accepts any); set before Ray starts so its workers inherit them.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 # Fuzz tests draw the same examples on every run, so CI is reproducible; `--hypothesis-profile explore` draws new
 # ones (and 10x as many) to hunt for the next class of bad input.
 settings.register_profile("ci", max_examples=200, derandomize=True, database=None)
@@ -89,3 +93,30 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's S3 server on 127.0.0.1 for the whole session: HOST:PORT."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> Callable[[str], str]:
+    """A fresh bucket; call it with a key prefix to get that prefix's URI (endpoint in the query)."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+    return lambda key: f"s3://{bucket}/{key}?endpoint_override={s3_endpoint}&scheme=http"

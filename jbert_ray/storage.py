@@ -1,0 +1,232 @@
+"""Where inputs and outputs live: a local path or any pyarrow filesystem URI (s3://, gs://, hdfs://), one code path
+for all (pyarrow.fs). Credentials come from each backend's own environment (AWS_ACCESS_KEY_ID, …); an S3-compatible
+endpoint from the URI (`?endpoint_override=HOST:PORT&scheme=http`) or from AWS_ENDPOINT_URL, which pyarrow does not
+read by itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from jbert_ray.errors import UserError
+
+CACHE_ENV = "JBERT_CACHE_DIR"  # where a node keeps its copies of remote model and tokenizer dirs
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for `scheme://…` (object stores, HDFS); False for a local path (file:// counts as local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def endpoint_uri(uri: str) -> str:
+    """`uri` with AWS_ENDPOINT_URL passed on as pyarrow's endpoint_override (unless the URI names one)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    if parts.scheme != "s3" or not endpoint or "endpoint_override" in query:
+        return uri
+    target = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    query.update(endpoint_override=target.netloc, scheme=target.scheme)
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+class Store:
+    """A directory on some filesystem; picklable (only the location travels, each process opens its own)."""
+
+    def __init__(self, location: str | os.PathLike):
+        text = str(location)
+        self.location = text if is_uri(text) else str(Path(text.removeprefix("file://")).absolute())
+
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __getstate__(self) -> dict:
+        return {"location": self.location}
+
+    @property
+    def is_remote(self) -> bool:
+        return is_uri(self.location)
+
+    @cached_property
+    def _opened(self) -> tuple[pafs.FileSystem, str]:
+        if not self.is_remote:
+            return pafs.LocalFileSystem(), self.location
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(endpoint_uri(self.location))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+            raise UserError(f"cannot open {self.location}: {error}") from None
+        return filesystem, path.rstrip("/")
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._opened[0]
+
+    @property
+    def path(self) -> str:
+        """The location as the filesystem names it (no scheme, no query)."""
+        return self._opened[1]
+
+    def full(self, relative: str = "") -> str:
+        return f"{self.path}/{relative}" if relative else self.path
+
+    def child(self, relative: str) -> Store:
+        """The store of a subdirectory."""
+        if not self.is_remote:
+            return Store(Path(self.location) / relative)
+        parts = urlsplit(self.location)
+        return Store(parts._replace(path=parts.path.rstrip("/") + "/" + relative).geturl())
+
+    # ---- reading ----
+
+    def kind(self, relative: str = "") -> pafs.FileType:
+        return self.filesystem.get_file_info(self.full(relative)).type
+
+    def exists(self, relative: str = "") -> bool:
+        return self.kind(relative) != pafs.FileType.NotFound
+
+    def is_file(self, relative: str) -> bool:
+        return self.kind(relative) == pafs.FileType.File
+
+    def files(self, relative: str = "") -> list[str]:
+        """Every file below `relative`, as sorted paths relative to this store (none if it does not exist)."""
+        selector = pafs.FileSelector(self.full(relative), recursive=True, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(i.path[len(self.path) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.filesystem.open_input_stream(self.full(relative)) as stream:
+            return stream.read()
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def read_json(self, relative: str, default=None):
+        """The parsed file, or `default` if it is missing or not (yet) valid JSON."""
+        try:
+            return json.loads(self.read_bytes(relative))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return default
+
+    # ---- writing: a reader never sees half a file ----
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write whole: locally through a temporary file and a rename; an object store's put is already whole."""
+        target = self.full(relative)
+        self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if self.is_remote:
+            with self.filesystem.open_output_stream(target) as stream:
+                stream.write(data)
+            return
+        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.filesystem.open_output_stream(tmp) as stream:
+            stream.write(data)
+        self.filesystem.move(tmp, target)
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_json(self, relative: str, obj) -> None:
+        self.write_text(relative, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+    def write_parquet(self, relative: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(relative, sink.getvalue().to_pybytes())
+
+    def delete(self, relative: str) -> None:
+        """Delete a file or a directory tree; nothing if it is not there."""
+        kind = self.kind(relative)
+        if kind == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.full(relative))
+        elif kind == pafs.FileType.File:
+            self.filesystem.delete_file(self.full(relative))
+
+    def move(self, source: str, target: str) -> None:
+        """Move a file or a directory tree within the store (object stores: copy, then delete)."""
+        if not self.is_remote or self.kind(source) == pafs.FileType.File:
+            self.filesystem.create_dir(self.full(target).rsplit("/", 1)[0], recursive=True)
+            self.filesystem.move(self.full(source), self.full(target))
+            return
+        for name in self.files(source):
+            self.filesystem.copy_file(self.full(name), self.full(target + name[len(source) :]))
+        self.delete(source)
+
+    def upload(self, local_dir: str | os.PathLike, relative: str = "") -> None:
+        """Copy a local directory tree into this store."""
+        pafs.copy_files(str(Path(local_dir).absolute()), self.full(relative),
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.filesystem)  # fmt: skip
+
+    def download(self, relative: str, local_dir: str | os.PathLike) -> None:
+        """Copy a directory tree of this store to a local directory."""
+        pafs.copy_files(self.full(relative), str(local_dir),
+                        source_filesystem=self.filesystem, destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+
+    # ---- checks before any work starts ----
+
+    def check_writable(self) -> None:
+        """Write and delete a probe file; a missing bucket, no credentials, a read-only bucket or an unreachable
+        endpoint becomes one UserError line."""
+        probe = f".jbert_write_probe_{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+        except OSError as error:
+            raise UserError(f"cannot write to output {self.location}: {first_line(error)}") from None
+
+    def check_readable(self, what: str) -> None:
+        """The location exists and can be listed; else one UserError line naming `what` it was meant to be."""
+        try:
+            found = self.exists()
+        except OSError as error:
+            raise UserError(f"cannot read {what} {self.location}: {first_line(error)}") from None
+        if not found:
+            raise UserError(f"{what} not found: {self.location}")
+
+
+def first_line(error: BaseException) -> str:
+    """An OSError from pyarrow's S3 client spans lines and repeats the request; its first sentence says it."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(" (Request ID")[0]
+
+
+def local_copy(location: str | os.PathLike) -> Path:
+    """A local directory holding `location`: itself when it is local, else this node's cached copy, fetched once
+    per node and keyed by the remote listing (names, sizes, modification times), so a changed dir is fetched anew."""
+    store = Store(location)
+    if not store.is_remote:
+        return Path(store.location)
+    try:
+        infos = store.filesystem.get_file_info(pafs.FileSelector(store.path, recursive=True))
+    except OSError as error:
+        raise UserError(f"cannot read {store.location}: {first_line(error)}") from None
+    listing = sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise UserError(f"not found or empty: {store.location}")
+    key = hashlib.sha256(json.dumps([store.location, listing]).encode()).hexdigest()[:20]
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jbert_ray") / key
+    if cache.is_dir():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
+    store.download("", staging)
+    try:
+        staging.rename(cache)  # whole or not at all; another process of this node may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
