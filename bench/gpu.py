@@ -342,6 +342,7 @@ def stream_row(shards_dir: Path, cpus: int, seconds: float, epochs: int) -> dict
         return {"phase": "stream", "what": f"skipped: no Ray on this machine ({what})"}
     import ray
 
+    from jbert_ray.storage import Store
     from jbert_ray.train_stream import build_train_stream, stream_spec
 
     info = inspect_shards(shards_dir)
@@ -352,7 +353,7 @@ def stream_row(shards_dir: Path, cpus: int, seconds: float, epochs: int) -> dict
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory() as run_dir:
-            stream = build_train_stream(stream_spec(cfg, info, Path(run_dir)))
+            stream = build_train_stream(stream_spec(cfg, info, Store(run_dir)))
             tokens, started, first = 0, time.perf_counter(), None
             for batch in stream.iter_torch_batches(batch_size=256, prefetch_batches=4):
                 first = first or time.perf_counter() - started

@@ -8,10 +8,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pyarrow.fs import FileType
+
 from jbert_ray.errors import UserError
 from jbert_ray.model import hf_config_dict
-from jbert_ray.output_dir import read_json, write_json
 from jbert_ray.shards import ShardInfo, file_sha256, inspect_shards
+from jbert_ray.storage import Store, local_copy
 
 if TYPE_CHECKING:
     from jbert_ray.train import PretrainConfig
@@ -29,7 +31,7 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
     if cfg.init_from:
         from jbert_ray.checkpoint import check_model_dir
 
-        model_dir = check_model_dir(cfg.init_from)
+        model_dir = check_model_dir(local_copy(cfg.init_from))
         if file_sha256(model_dir / "vocab.txt") != shards.tokenizer_sha256:
             raise UserError(
                 f"--init-from {cfg.init_from}: its vocab.txt differs from the tokenizer the shards were made with; "
@@ -39,7 +41,7 @@ def check_inputs(cfg: PretrainConfig) -> tuple[ShardInfo, dict]:
     else:
         from jbert_ray.tokenizer import JapaneseTokenizer
 
-        tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
+        tokenizer = JapaneseTokenizer.from_pretrained(local_copy(shards.tokenizer_dir))
         model_config = resolve_model_config(cfg.model_config)
         special_ids = {
             "pad": tokenizer.pad_token_id,
@@ -94,10 +96,11 @@ def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None 
     return per_worker
 
 
-def check_run_dir(run_dir: Path, cfg: PretrainConfig, hf_config: dict) -> None:
-    from jbert_ray.output_dir import prepare_output_dir
-
-    prepare_output_dir(run_dir, allow_existing=True)
+def check_run_dir(run: Store, cfg: PretrainConfig, hf_config: dict) -> None:
+    """The run dir is writable and empty or holds this same run (a re-run resumes it); record its settings."""
+    if run.exists() and run.kind() != FileType.Directory:
+        raise UserError(f"output {run} exists and is not a directory")
+    run.check_writable()
     identity = json.loads(
         json.dumps(
             {  # JSON round trip: compare what the file holds (int keys become str)
@@ -110,20 +113,18 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig, hf_config: dict) -> None:
             }
         )
     )
-    saved = read_json(run_dir / CONFIG_FILE)
+    saved = run.read_json(CONFIG_FILE)
     if saved is None:
-        if any(p.name not in (CONFIG_FILE,) for p in run_dir.iterdir()):
-            raise UserError(
-                f"output {run_dir} is not empty and holds no jbert pretraining run; use a new --out"
-            )
+        if any(name != CONFIG_FILE for name in run.files()):
+            raise UserError(f"output {run} is not empty and holds no jbert pretraining run; use a new --out")
     else:
         changed = [k for k in RESUME_KEYS if saved.get("identity", {}).get(k) != identity[k]]
         if changed:
             raise UserError(
-                f"{run_dir} holds a run with different {', '.join(changed)}; resume it with the same settings "
+                f"{run} holds a run with different {', '.join(changed)}; resume it with the same settings "
                 "or use a new --out"
             )
-    write_json(run_dir / CONFIG_FILE, {"identity": identity, "config": cfg.to_dict()})
+    run.write_json(CONFIG_FILE, {"identity": identity, "config": cfg.to_dict()})
 
 
 def _read_hf_config(model_dir: Path) -> dict:

@@ -30,12 +30,12 @@ class Progress:
 
 
 class MetricsWatcher:
-    """While training runs, print each new row of a run's metrics.csv (at most every `every_s`) on stderr."""
+    """While training runs, print each new row of a run dir's metrics.csv (at most every `every_s`) on stderr."""
 
-    def __init__(self, metrics_file, budget_min: float = 0.0, max_steps: int = 0, every_s: float = 10.0):
+    def __init__(self, run, budget_min: float = 0.0, max_steps: int = 0, every_s: float = 10.0):
         import threading
 
-        self.path, self.budget_min, self.max_steps, self.every_s = metrics_file, budget_min, max_steps, every_s
+        self.run, self.budget_min, self.max_steps, self.every_s = run, budget_min, max_steps, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-watcher", daemon=True)
 
@@ -48,12 +48,12 @@ class MetricsWatcher:
         self._thread.join()
 
     def _run(self) -> None:
-        from jbert_ray.train_state import read_metrics
+        from jbert_ray.train_state import metrics_rows
 
         shown_step, last = -1, 0.0
         while not self._stop.wait(1.0):
             try:
-                rows = read_metrics(self.path) if self.path.exists() else []
+                rows = metrics_rows(self.run)
             except (ValueError, OSError):  # a row half written: read it next time
                 continue
             if rows and rows[-1]["step"] != shown_step and time.perf_counter() - last >= self.every_s:

@@ -41,6 +41,11 @@ def endpoint_uri(uri: str) -> str:
     return parts._replace(query=urlencode(query)).geturl()
 
 
+def resolve_location(location: str | os.PathLike) -> str:
+    """What the driver hands to workers on other nodes: an absolute local path, or the URI with its endpoint."""
+    return endpoint_uri(str(location)) if is_uri(location) else str(Path(location).resolve())
+
+
 class Store:
     """A directory on some filesystem; picklable (only the location travels, each process opens its own)."""
 
@@ -169,11 +174,13 @@ class Store:
 
     def upload(self, local_dir: str | os.PathLike, relative: str = "") -> None:
         """Copy a local directory tree into this store."""
+        self.filesystem.create_dir(self.full(relative), recursive=True)  # copy_files makes only the subdirs
         pafs.copy_files(str(Path(local_dir).absolute()), self.full(relative),
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.filesystem)  # fmt: skip
 
     def download(self, relative: str, local_dir: str | os.PathLike) -> None:
         """Copy a directory tree of this store to a local directory."""
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self.full(relative), str(local_dir),
                         source_filesystem=self.filesystem, destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
 

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,11 +25,11 @@ import torch
 from jbert_ray.errors import UserError
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import ARCHS, SparseMaskedLM, build_model
-from jbert_ray.output_dir import read_json, write_json
 from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources, check_run_dir
 from jbert_ray.progress import MetricsWatcher
 from jbert_ray.shards import ShardInfo
-from jbert_ray.train_state import METRICS_FILE, MetricsLog, load_train_state, plot_curves, save_train_state
+from jbert_ray.storage import Store, local_copy, resolve_location
+from jbert_ray.train_state import MetricsLog, load_train_state, metrics_rows, plot_curves, save_train_state
 from jbert_ray.train_step import (
     all_reduce,
     autocast_for,
@@ -146,9 +145,9 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
     """The checks that need no cluster (shards, model config, --init-from): call before starting Ray."""
     cfg = dataclasses.replace(
         cfg,
-        data_dir=str(Path(cfg.data_dir).resolve()),
-        output_dir=str(Path(cfg.output_dir).resolve()),
-        init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+        data_dir=resolve_location(cfg.data_dir),
+        output_dir=resolve_location(cfg.output_dir),
+        init_from=resolve_location(cfg.init_from) if cfg.init_from else None,
     )
     shards, hf_config = check_inputs(cfg)
     return PreparedPretraining(cfg, shards, hf_config)
@@ -162,7 +161,7 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
 
     cfg, shards, hf_config = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
-    run_dir = Path(cfg.output_dir)
+    run = Store(cfg.output_dir)
     cpu_nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     node_cpus = max(cpu_nodes, default=None)
     if not cfg.num_workers:
@@ -172,14 +171,14 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     cfg = cfg.resolved()  # the global batch follows the worker count
     check_batch(cfg, shards)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
-    check_run_dir(run_dir, cfg, hf_config)
+    check_run_dir(run, cfg, hf_config)
     threads = torch_threads(cfg, node_cpus, len(cpu_nodes))
     import ray.data
 
     # Training progress comes from the metrics rows (MetricsWatcher): no Ray Data bars for the valid stream either.
     data_context = ray.data.DataContext.get_current()
     bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
-    spec = stream_spec(cfg, shards, run_dir)
+    spec = stream_spec(cfg, shards, run)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
     has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
     if has_valid:
@@ -189,7 +188,7 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
         train_loop_config={
             "pretrain": cfg.to_dict(),
             "hf_config": hf_config,
-            "run_dir": str(run_dir),
+            "run_dir": run.location,
             "tokenizer_dir": str(shards.tokenizer_dir),
             "has_valid": has_valid,
             "torch_threads": threads,
@@ -201,9 +200,9 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
         ),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=str(
-                run_dir
-            ),  # same name + storage_path on a re-run = resume from the latest checkpoint
+            # The same name and storage on a re-run = resume from the latest checkpoint.
+            storage_path=run.path,
+            storage_filesystem=run.filesystem if run.is_remote else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -212,11 +211,11 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     if cfg.show_progress:
         print(f"pretrain: {_plan(cfg, threads)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    watcher = MetricsWatcher(run_dir / METRICS_FILE, cfg.time_budget_min, cfg.max_steps)
+    watcher = MetricsWatcher(run, cfg.time_budget_min, cfg.max_steps)
     with watcher if cfg.show_progress else nullcontext():
         result = trainer.fit()
     data_context.enable_progress_bars = bars
-    return _finish(run_dir, result, time.perf_counter() - started)
+    return _finish(run, result, time.perf_counter() - started)
 
 
 def _plan(cfg: PretrainConfig, threads: int) -> str:
@@ -252,18 +251,14 @@ def torch_threads(cfg: PretrainConfig, node_cpus: float | None, cpu_nodes: int) 
     return max(1, int(node_cpus // workers_per_node))
 
 
-def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
-    from jbert_ray.train_state import read_metrics
-
+def _finish(run: Store, result, elapsed_s: float) -> dict:
     if result.error is not None:
         raise result.error
-    model_dir = run_dir / "model"
     with result.checkpoint.as_directory() as checkpoint_dir:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(checkpoint_dir) / "model", model_dir)
-    plot = plot_curves(run_dir)
-    every_row = read_metrics(run_dir / "metrics.csv")
+        run.delete("model")
+        run.upload(Path(checkpoint_dir) / "model", "model")
+    plot = plot_curves(run)
+    every_row = metrics_rows(run)
     rows = [r for r in every_row if r.get("loss") is not None]  # a row after an empty window has no loss
     evals = [r for r in every_row if r.get("eval_loss") is not None]
     summary = {
@@ -273,11 +268,11 @@ def _finish(run_dir: Path, result, elapsed_s: float) -> dict:
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
         "tokens_per_s": rows[-1]["tokens_per_s"] if rows else None,
-        "model_dir": str(model_dir),
-        "curves": str(plot) if plot else None,
+        "model_dir": run.child("model").location,
+        "curves": plot,
         "seconds": round(elapsed_s, 1),
     }
-    write_json(run_dir / "results.json", summary)
+    run.write_json("results.json", summary)
     return summary
 
 
@@ -292,13 +287,13 @@ def train_loop_per_worker(config: dict) -> None:
     from jbert_ray.tokenizer import JapaneseTokenizer
 
     cfg = PretrainConfig.from_dict(config["pretrain"])
-    run_dir = Path(config["run_dir"])
+    run = Store(config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config["torch_threads"]:
         torch.set_num_threads(config["torch_threads"])
-    tokenizer = JapaneseTokenizer.from_pretrained(config["tokenizer_dir"])
+    tokenizer = JapaneseTokenizer.from_pretrained(local_copy(config["tokenizer_dir"]))
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as checkpoint_dir:
@@ -313,12 +308,13 @@ def train_loop_per_worker(config: dict) -> None:
     step = int(state.get("step", 0))
     # Who runs each rank, and from which step: a restarted worker group shows where it resumed.
     worker = {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank, "start_step": step}
-    write_json(_worker_file(run_dir, rank), worker)
+    run.write_json(f"workers/rank_{rank}.json", worker)  # pid and host of each rank: for operators (and tests)
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
-    log = MetricsLog(run_dir, resume_step=step) if rank == 0 else None
+    log = MetricsLog(run, resume_step=step) if rank == 0 else None
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    skip = max(0, step * cfg.global_batch_size - _stream_start(run_dir)) // world // cfg.micro_batch_size
+    stream_start = int((run.read_json(STREAM_FILE) or {}).get("start_sequence", 0))
+    skip = max(0, step * cfg.global_batch_size - stream_start) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
     autocast = autocast_for(device, cfg.precision)
     clock = _RunClock(cfg, device, float(state.get("elapsed_s", 0.0)))  # a resumed run keeps its schedule
@@ -441,11 +437,10 @@ class _Reporter:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if (
-            self.rank == 0
-        ):  # after report() the checkpoint is persisted: a restarted stream may start from here
+        if self.rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
             progress = {"step": step, "sequences": step * self.cfg.global_batch_size}
-            write_json(Path(self.config["run_dir"]) / PROGRESS_FILE, progress)
+            Store(self.config["run_dir"]).write_json(PROGRESS_FILE, progress)
+            self.log.sync()
 
 
 def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir: str | None):
@@ -455,7 +450,7 @@ def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir:
     if checkpoint_dir:
         model, _ = load_model_dir(Path(checkpoint_dir) / "model", "cpu")
     elif cfg.init_from:
-        model, _ = load_model_dir(cfg.init_from, "cpu")
+        model, _ = load_model_dir(local_copy(cfg.init_from), "cpu")
     else:
         model = build_model(config["hf_config"])
     return model.train()
@@ -486,15 +481,3 @@ def _train_batches(cfg: PretrainConfig, device, skip_batches: int):
 def _prefetch(device: torch.device) -> dict:
     """A GPU step is short: keep a few masked batches ready in pinned memory so the copy never waits on the CPU."""
     return {"prefetch_batches": 4, "pin_memory": True} if device.type == "cuda" else {}
-
-
-def _stream_start(run_dir: Path) -> int:
-    return int((read_json(run_dir / STREAM_FILE) or {}).get("start_sequence", 0))
-
-
-def _worker_file(run_dir: Path, rank: int) -> Path:
-    path = (
-        run_dir / "workers" / f"rank_{rank}.json"
-    )  # pid and host of each rank: for operators (and the tests)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path

@@ -4,12 +4,16 @@ run's metrics (metrics.csv, TensorBoard, a loss/accuracy PNG)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+
+from jbert_ray.storage import Store
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
@@ -72,36 +76,59 @@ def load_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer |
 
 
 class MetricsLog:
-    """Append metric rows to metrics.csv and TensorBoard; on resume, drop rows past the restored step."""
+    """Metric rows to RUN/metrics.csv (rewritten whole each time: the run dir may be an object store, where
+    nothing appends) and to TensorBoard; on resume, rows past the restored step are dropped."""
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int = 0):
-        self.path = Path(run_dir) / METRICS_FILE
-        rows = read_metrics(self.path) if self.path.exists() else []
-        kept = [row for row in rows if row["step"] <= resume_step]
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS} for row in kept)
-        self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard", resume_step)
+    def __init__(self, run: Store, resume_step: int = 0):
+        self.run = run
+        self.rows = [row for row in metrics_rows(run) if row["step"] <= resume_step]
+        self._save()
+        # TensorBoard writes local files; a remote run dir gets them at sync() (checkpoints) and close().
+        self._tensorboard_dir = (Path(run.location) if not run.is_remote else Path(tempfile.mkdtemp())) / "tensorboard"
+        self._tensorboard = _tensorboard_writer(self._tensorboard_dir, resume_step)
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, METRIC_COLUMNS).writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
+        self.rows.append(row)
+        self._save()
         if self._tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and value is not None and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, row["step"])
             self._tensorboard.flush()
 
+    def sync(self) -> None:
+        """Copy the TensorBoard files to a remote run dir."""
+        if self.run.is_remote and self._tensorboard is not None:
+            self.run.upload(self._tensorboard_dir, "tensorboard")
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self.sync()
+
+    def _save(self) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS} for row in self.rows)
+        self.run.write_text(METRICS_FILE, text.getvalue())
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.csv as dicts of floats (None where blank), `step` as int."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    """Rows of a metrics.csv file as dicts of floats (None where blank), `step` as int."""
+    return _parse_metrics(Path(path).read_text(encoding="utf-8"))
+
+
+def metrics_rows(run: Store) -> list[dict]:
+    """The rows of a run dir's metrics.csv; none if it has none yet."""
+    try:
+        return _parse_metrics(run.read_text(METRICS_FILE))
+    except FileNotFoundError:
+        return []
+
+
+def _parse_metrics(text: str) -> list[dict]:
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     return [
         {
             k: (int(float(v)) if k == "step" else float(v)) if v not in ("", None) else None
@@ -111,10 +138,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     ]
 
 
-def plot_curves(run_dir: str | os.PathLike) -> Path | None:
-    """Write curves.png (train/valid loss and masked-token accuracy against step); None if nothing logged."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = read_metrics(path) if path.exists() else []
+def plot_curves(run: Store) -> str | None:
+    """Write RUN/curves.png (train/valid loss and masked-token accuracy against step); None if nothing logged."""
+    rows = metrics_rows(run)
     if not rows:
         return None
     import matplotlib
@@ -132,10 +158,11 @@ def plot_curves(run_dir: str | os.PathLike) -> Path | None:
         ax.set_title(f"masked-LM {key}")
         ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    return out
+    run.write_bytes("curves.png", image.getvalue())
+    return run.child("curves.png").location
 
 
 def _csv_value(value):

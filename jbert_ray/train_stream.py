@@ -5,13 +5,12 @@ resumed or restarted run continues where its latest checkpoint left off.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
 from jbert_ray.masking import mask_batch
-from jbert_ray.output_dir import read_json, write_json
 from jbert_ray.shards import ShardInfo
+from jbert_ray.storage import Store, local_copy
 
 PROGRESS_FILE = "progress.json"  # run dir: step of the latest persisted checkpoint (read by the data stream)
 STREAM_FILE = "stream.json"  # run dir: where the current input stream starts (written by the data stream)
@@ -66,13 +65,14 @@ def build_train_stream(spec: dict):
     # Runs in the controller. Progress comes from the metrics rows (progress.MetricsWatcher): Ray Data's bars for
     # this long stream would only redraw over those lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    run_dir = Path(spec["run_dir"])
-    consumed = int((read_json(run_dir / PROGRESS_FILE) or {}).get("sequences", 0))
+    run = Store(spec["run_dir"])
+    consumed = int((run.read_json(PROGRESS_FILE) or {}).get("sequences", 0))
     start, epochs = plan_stream(spec["file_rows"], consumed, spec["sequences_needed"], spec["seed"])
-    write_json(run_dir / STREAM_FILE, {"start_sequence": start, "consumed": consumed})
+    run.write_json(STREAM_FILE, {"start_sequence": start, "consumed": consumed})
+    filesystem = Store(spec["data_dir"]).filesystem
     parts = [
         ray.data.read_parquet(
-            [spec["files"][i] for i in order], columns=["input_ids", "word_start"]
+            [spec["files"][i] for i in order], columns=["input_ids", "word_start"], filesystem=filesystem
         ).map_batches(
             mask_batch, fn_kwargs={**spec["mask_kwargs"], "epoch": epoch}, num_cpus=spec["data_cpus"]
         )
@@ -86,18 +86,19 @@ def build_valid_stream(spec: dict):
     import ray.data
 
     kwargs = {**spec["mask_kwargs"], "seed": spec["seed"] + 1, "epoch": 0}
-    return ray.data.read_parquet(spec["valid_files"], columns=["input_ids", "word_start"]).map_batches(
-        mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"]
-    )
+    filesystem = Store(spec["data_dir"]).filesystem
+    valid = ray.data.read_parquet(spec["valid_files"], columns=["input_ids", "word_start"], filesystem=filesystem)
+    return valid.map_batches(mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"])
 
 
-def stream_spec(cfg, shards: ShardInfo, run_dir: Path) -> dict:
+def stream_spec(cfg, shards: ShardInfo, run: Store) -> dict:
     """Plain data for the stream builders (they run in the Ray Train controller): files, counts, masking."""
     from jbert_ray.tokenizer import JapaneseTokenizer
 
-    tokenizer = JapaneseTokenizer.from_pretrained(shards.tokenizer_dir)
+    tokenizer = JapaneseTokenizer.from_pretrained(local_copy(shards.tokenizer_dir))
     return {
-        "run_dir": str(run_dir),
+        "run_dir": run.location,
+        "data_dir": str(shards.root),
         "files": [str(p) for p in shards.train_files],
         "file_rows": shards.train_file_rows,
         "valid_files": [str(p) for p in shards.valid_files],
