@@ -96,11 +96,16 @@ def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None 
     return per_worker
 
 
-def check_run_dir(run: Store, cfg: PretrainConfig, hf_config: dict) -> None:
-    """The run dir is writable and empty or holds this same run (a re-run resumes it); record its settings."""
+def check_output(run: Store) -> None:
+    """The run dir can be written (before Ray starts): a missing bucket or a read-only path is one error line."""
     if run.exists() and run.kind() != FileType.Directory:
         raise UserError(f"output {run} exists and is not a directory")
     run.check_writable()
+
+
+def check_run_dir(run: Store, cfg: PretrainConfig, hf_config: dict) -> None:
+    """The run dir (checked writable by check_output) is empty or holds this same run (a re-run resumes it);
+    record its settings."""
     identity = json.loads(
         json.dumps(
             {  # JSON round trip: compare what the file holds (int keys become str)

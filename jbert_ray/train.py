@@ -25,7 +25,7 @@ import torch
 from jbert_ray.errors import UserError
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import ARCHS, SparseMaskedLM, build_model
-from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources, check_run_dir
+from jbert_ray.pretrain_checks import check_batch, check_inputs, check_output, check_resources, check_run_dir
 from jbert_ray.progress import MetricsWatcher
 from jbert_ray.shards import ShardInfo
 from jbert_ray.storage import Store, local_copy, resolve_location
@@ -150,6 +150,7 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
         init_from=resolve_location(cfg.init_from) if cfg.init_from else None,
     )
     shards, hf_config = check_inputs(cfg)
+    check_output(Store(cfg.output_dir))
     return PreparedPretraining(cfg, shards, hf_config)
 
 
