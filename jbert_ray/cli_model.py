@@ -73,8 +73,8 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 
 SCORE_FLAGS = {
     "input": Flag(metavar="CORPUS"),
-    "model_dir": Flag("--model", metavar="MODEL_DIR"),
-    "output_dir": Flag("--out", metavar="SCORES_DIR"),
+    "model_dir": Flag("--model", metavar="MODEL_DIR|URI"),
+    "output_dir": Flag("--out", metavar="SCORES_DIR|URI"),
     "id_field": Flag(aliases=("--id-column",)),
     "num_actors": Flag(aliases=("--actors",)),
     "filter_below": Flag(metavar="X"),
@@ -137,7 +137,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 SERVE_FLAGS = {
-    "model_dir": Flag("--model", metavar="MODEL_DIR"),
+    "model_dir": Flag("--model", metavar="MODEL_DIR|URI"),
     "num_cpus": Flag("--replica-cpus"),  # --num-cpus is the local Ray's
     "num_gpus": Flag("--replica-gpus"),
     "num_threads": Flag("--threads"),
@@ -157,13 +157,13 @@ def _add_serve(sub: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.inference import check_model_location
     from jbert_ray.serving import ServeArgs, high_throughput_env, run_server
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not within 1..65535")
     serve_args = config_from_args(ServeArgs, args, SERVE_FLAGS)  # JBERT_API_TOKEN, when set, turns on auth
-    check_model_dir(serve_args.model_dir)  # fail before starting Ray
+    check_model_location(serve_args.model_dir)  # fail before starting Ray
     # Ray's documented high-throughput mode (HAProxy in front of the replicas): it only applies to a Ray started
     # by this command; a cluster needs it in its own environment (serve/config.yaml says how).
     for name, value in high_throughput_env().items():

@@ -105,12 +105,16 @@ class MaskedLM:
     ) -> MaskedLM:
         """Load a model directory (ours or a Tohoku-style HF Japanese BERT) on "cpu", "cuda" or "auto".
 
+        model_dir: a local path, or a URI (s3://…) fetched once per node into a local cache (`storage.local_copy`).
+
         dtype: None/"float32" (default), "bfloat16" or "float16" weights; scores are computed in float32 anyway.
         """
         from jbert_ray.checkpoint import load_model_dir
+        from jbert_ray.storage import is_uri, local_copy
 
-        model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
-        return cls(model, tokenizer, config, model_dir=os.path.abspath(model_dir))
+        model, tokenizer = load_model_dir(local_copy(model_dir), device=device, dtype=dtype)
+        location = str(model_dir) if is_uri(model_dir) else os.path.abspath(model_dir)
+        return cls(model, tokenizer, config, model_dir=location)
 
     @staticmethod
     def clean(text: str) -> tuple[str, str]:
@@ -288,6 +292,26 @@ class MaskedLM:
                 f"text {text_index} has {length + 2} tokens; the model takes at most {self.max_length} "
                 "(shorten it, or use long_text='window')"
             )
+
+
+def check_model_location(location: str | os.PathLike) -> str:
+    """The model dir as workers on any node load it: an absolute path, or a URI with AWS_ENDPOINT_URL passed on.
+
+    Runs on the driver before Ray starts: a remote dir is fetched into this node's cache and checked there, so a
+    missing bucket or dir, an unreachable endpoint or a dir that is no model is one UserError line."""
+    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.storage import Store, endpoint_uri, is_uri, local_copy
+
+    if not is_uri(location):
+        return str(check_model_dir(location).resolve())
+    uri = endpoint_uri(str(location))
+    Store(uri).check_readable("model directory")
+    cached = local_copy(uri)
+    try:
+        check_model_dir(cached)
+    except UserError as error:  # name the URI the user gave, not this node's cache
+        raise UserError(str(error).replace(str(cached), str(location))) from None
+    return uri
 
 
 def _as_texts(texts: Sequence[str]) -> list[str]:

@@ -3,12 +3,15 @@ the driver writes parquet parts atomically, so a killed run resumes with no dupl
 
 Every input row comes out exactly once: scored, or with its `error` (rejected by the reader, empty, too long
 under the "error" policy). The summary, histogram and optional filtered corpus are computed from the parts.
+Model and output may be local or on object storage (s3://…): the output through `storage.Store` either way, the
+model fetched once per node by each actor (`storage.local_copy`).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -16,16 +19,18 @@ from typing import Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jbert_ray.corpus import CorpusFiles, corpus_format, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.inference import LONG_TEXT_POLICIES, PLL_METHODS
-from jbert_ray.output_dir import prepare_output_dir
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
+from jbert_ray.storage import Store, resolve_location
 
 ERROR_TOO_LONG = "too_long"
+PARTS = "parts"  # the output's parquet parts: parts/part-00000.parquet, …
 _CANDIDATE = pa.struct([("token", pa.string()), ("score", pa.float32())])
 SCHEMA = pa.schema(
     [
@@ -45,8 +50,8 @@ SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class ScoreConfig:
     input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
-    model_dir: str  # our model dir or a Tohoku-style HF Japanese BERT dir
-    output_dir: str  # parts/*.parquet, summary.json, a histogram, filtered/
+    model_dir: str  # our model dir or a Tohoku-style HF Japanese BERT dir, local or s3://, gs://, hdfs://
+    output_dir: str  # parts/*.parquet, summary.json, a histogram, filtered/; local or s3://, gs://, hdfs://
     text_field: str = "text"  # JSON field or parquet column holding the text
     id_field: str | None = None  # JSON field or parquet column with row ids; None = file:line
     num_actors: int = 0  # scoring actors; 0 = one per CPU (or per GPU share with --gpus-per-actor)
@@ -131,29 +136,26 @@ class CorpusScorer:
 class PreparedScoring(NamedTuple):
     """A scoring job checked before Ray starts."""
 
-    config: ScoreConfig  # with an absolute model path (actors may run in other directories or on other nodes)
+    # Model and output as any node reads them: absolute paths, or URIs with AWS_ENDPOINT_URL passed on.
+    config: ScoreConfig
     files: CorpusFiles  # the corpus, listed once
-    output_dir: Path
+    out: Store
 
 
 def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
     """The checks that need no cluster (corpus, model directory, output): call before starting Ray."""
-    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.inference import check_model_location
 
     files = resolve_paths(config.input)
-    config = replace(config, model_dir=str(check_model_dir(config.model_dir).resolve()))
-    output_dir = prepare_output_dir(
-        config.output_dir, overwrite=config.overwrite, allow_existing=config.resume
-    )
-    return PreparedScoring(config, files, output_dir)
+    model_dir = check_model_location(config.model_dir)
+    out = _prepare_output(Store(resolve_location(config.output_dir)), config.overwrite, config.resume)
+    return PreparedScoring(replace(config, model_dir=model_dir, output_dir=out.location), files, out)
 
 
 def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
     """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
-    config, files, output_dir = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
-    parts_dir = output_dir / "parts"
-    parts_dir.mkdir(exist_ok=True)
-    done_ids = _written_ids(parts_dir) if config.resume else frozenset()
+    config, files, out = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
+    done_ids = _written_ids(out) if config.resume else frozenset()
     # Blocks of one actor batch: a block goes to one actor whole, and a scored row costs milliseconds.
     dataset = read_corpus(
         files,
@@ -170,26 +172,43 @@ def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
         num_gpus=config.gpus_per_actor or None,
     )
     progress = Progress("score", rate_key="rows", enabled=config.show_progress)
-    next_part = max((int(p.stem.split("-")[1]) + 1 for p in parts_dir.glob("part-*.parquet")), default=0)
+    next_part = max((int(Path(p).stem.split("-")[1]) + 1 for p in _parts(out)), default=0)
     rows = 0
     for batch in dataset.iter_batches(batch_size=config.rows_per_part, batch_format="pyarrow"):
-        _write_atomically(batch, parts_dir / f"part-{next_part:05d}.parquet")
+        # Whole or not at all: a killed run leaves no half-written part that resume would trust.
+        out.write_parquet(f"{PARTS}/part-{next_part:05d}.parquet", batch)
         next_part += 1
         rows += batch.num_rows
         progress.update(rows=rows)
     seconds = progress.elapsed_s
-    summary = _summarize(parts_dir, output_dir, config)
+    summary = _summarize(out, config)
     summary.update(
         rows_this_run=rows,
         rows_resumed=len(done_ids),
         seconds=round(seconds, 2),
         sentences_per_s=round(rows / max(seconds, 1e-9), 2),
     )
-    summary["filtered"] = (
-        _write_filtered(parts_dir, output_dir, config, summary, files) if _filtering(config) else None
-    )
-    (output_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    summary["filtered"] = _write_filtered(out, config, summary, files) if _filtering(config) else None
+    out.write_json("summary.json", summary)
     return summary
+
+
+def _prepare_output(out: Store, overwrite: bool, resume: bool) -> Store:
+    """Refuse a non-empty output unless --overwrite (cleared) or --resume (kept); check it takes writes."""
+    try:
+        kind = out.kind()
+        is_dir = kind == pafs.FileType.Directory
+        entries = out.filesystem.get_file_info(pafs.FileSelector(out.path)) if is_dir else []
+    except OSError:  # an unreachable store: check_writable says why, in one line
+        kind, entries = pafs.FileType.NotFound, []
+    if kind == pafs.FileType.File:
+        raise UserError(f"output {out} exists and is not a directory")
+    if entries and not resume:
+        if not overwrite:
+            raise UserError(f"output {out} is not empty: pass --overwrite to replace it")
+        out.filesystem.delete_dir_contents(out.path)
+    out.check_writable()
+    return out
 
 
 def _scorer_pool(config: ScoreConfig):
@@ -206,25 +225,25 @@ def _scorer_pool(config: ScoreConfig):
     return ray.data.ActorPoolStrategy(size=size or cluster_cpus(), max_tasks_in_flight_per_actor=1)
 
 
-def _written_ids(parts_dir: Path) -> frozenset[str]:
-    ids: set[str] = set()
-    for part in sorted(parts_dir.glob("part-*.parquet")):
-        ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-    return frozenset(ids)
+def _parts(out: Store) -> list[str]:
+    """The finished parts, relative to the output (a killed local write leaves only a *.tmp, not listed)."""
+    return [p for p in out.files(PARTS) if Path(p).name.startswith("part-") and p.endswith(".parquet")]
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    # A killed run leaves at most a .tmp file, never a half-written part that resume would trust.
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _read_parts(out: Store, columns: list[str], parts: list[str] | None = None) -> pa.Table:
+    paths = [out.full(p) for p in (_parts(out) if parts is None else parts)]
+    return pq.read_table(paths, columns=columns, filesystem=out.filesystem)
 
 
-def _summarize(parts_dir: Path, output_dir: Path, config: ScoreConfig) -> dict:
-    parts = sorted(parts_dir.glob("part-*.parquet"))
-    if not parts:
+def _written_ids(out: Store) -> frozenset[str]:
+    parts = _parts(out)
+    return frozenset(_read_parts(out, ["id"], parts).column("id").to_pylist()) if parts else frozenset()
+
+
+def _summarize(out: Store, config: ScoreConfig) -> dict:
+    if not _parts(out):
         raise UserError(f"corpus {config.input} is empty: no rows to score")
-    table = pq.read_table(parts, columns=["pll_per_token", "error"])
+    table = _read_parts(out, ["pll_per_token", "error"])
     by_error: dict[str, int] = {}
     for error in table.column("error").to_pylist():
         if error:
@@ -239,8 +258,8 @@ def _summarize(parts_dir: Path, output_dir: Path, config: ScoreConfig) -> dict:
         "config": asdict(config),
     }
     if len(values):
-        _plot_histogram(values, output_dir / "pll_per_token.png")
-        summary["histogram"] = str(output_dir / "pll_per_token.png")
+        out.write_bytes("pll_per_token.png", _histogram_png(values))
+        summary["histogram"] = str(out.child("pll_per_token.png"))
     return summary
 
 
@@ -251,7 +270,7 @@ def _describe(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), **{k: float(v) for k, v in percentiles.items()}}
 
 
-def _plot_histogram(values: np.ndarray, path: Path) -> None:
+def _histogram_png(values: np.ndarray) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,39 +282,43 @@ def _plot_histogram(values: np.ndarray, path: Path) -> None:
     ax.set_ylabel("rows")
     ax.set_title(f"Pseudo-log-likelihood per token, {len(values):,} rows")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    return png.getvalue()
 
 
 def _filtering(config: ScoreConfig) -> bool:
     return config.filter_below is not None or config.filter_percentile is not None
 
 
-def _write_filtered(
-    parts_dir: Path, output_dir: Path, config: ScoreConfig, summary: dict, files: CorpusFiles
-) -> dict:
-    """Stream rows with pll_per_token ≥ threshold into the input's format (jsonl, txt or parquet)."""
-    parts = sorted(parts_dir.glob("part-*.parquet"))
+def _write_filtered(out: Store, config: ScoreConfig, summary: dict, files: CorpusFiles) -> dict:
+    """Stream rows with pll_per_token ≥ threshold into the input's format (jsonl, txt or parquet), staged locally,
+    then copied into the output's filtered/."""
+    parts = _parts(out)
     threshold = config.filter_below
     if threshold is None:
-        values = _scored_values(pq.read_table(parts, columns=["pll_per_token", "error"]))
+        values = _scored_values(_read_parts(out, ["pll_per_token", "error"], parts))
         threshold = float(np.percentile(values, config.filter_percentile)) if len(values) else float("inf")
     fmt = corpus_format(files.paths[0])
-    out_path = output_dir / "filtered" / f"corpus.{fmt}"
-    out_path.parent.mkdir(exist_ok=True)
+    name = f"corpus.{fmt}"
     kept = 0
-    with _CorpusWriter(out_path, fmt, config) as writer:
-        for part in parts:
-            table = pq.read_table(part, columns=["id", "text", "pll_per_token", "error"])
-            keep = pc.and_(
-                pc.equal(table.column("error"), ""),
-                pc.greater_equal(pc.fill_null(table.column("pll_per_token"), -np.inf), threshold),
-            )
-            table = table.filter(keep)
-            writer.write(table)
-            kept += table.num_rows
+    staging_parent = None if out.is_remote else out.location  # a local output: no copy across disks
+    with tempfile.TemporaryDirectory(prefix=".filtered-", dir=staging_parent) as staging:
+        with _CorpusWriter(Path(staging) / name, fmt, config) as writer:
+            for part in parts:
+                table = _read_parts(out, ["id", "text", "pll_per_token", "error"], [part])
+                keep = pc.and_(
+                    pc.equal(table.column("error"), ""),
+                    pc.greater_equal(pc.fill_null(table.column("pll_per_token"), -np.inf), threshold),
+                )
+                table = table.filter(keep)
+                writer.write(table)
+                kept += table.num_rows
+        out.delete("filtered")
+        out.upload(staging, "filtered")
     return {
-        "path": str(out_path),
+        "path": str(out.child(f"filtered/{name}")),
         "threshold": threshold,
         "rows_kept": kept,
         "rows_dropped": summary["rows_in"] - kept,

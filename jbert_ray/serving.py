@@ -3,7 +3,8 @@
 Concurrent requests are batched per text with `@serve.batch`; replicas autoscale on ongoing requests; past
 `max_queued_requests` Serve answers 503 instead of queueing without bound. This module adds only HTTP concerns
 (limits, 4xx messages, auth, counters): what the model predicts is decided in `jbert_ray.inference`.
-Entry points: `serve run serve.app:app model_dir=DIR`, `serve deploy serve/config.yaml`, `jbert serve --model DIR`.
+Entry points: `serve run serve.app:app model_dir=DIR`, `serve deploy serve/config.yaml`, `jbert serve --model DIR`;
+DIR may be a URI (s3://bucket/model), which each replica fetches once per node.
 """
 
 import asyncio  # no `from __future__ import annotations`: FastAPI must see the route types inside serve.ingress
@@ -40,7 +41,7 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # model directory
+    model_dir: str = Field(default_factory=lambda: os.environ.get(MODEL_DIR_ENV, ""))  # local dir or s3://…
     device: str = "auto"  # replica device: auto (CUDA where the replica has a GPU), cpu, cuda or cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights; bfloat16 ~2x on GPUs, bf16 CPUs
     max_batch_size: int = Field(32, ge=1)  # texts per batched forward (@serve.batch)
@@ -404,13 +405,14 @@ class FillMaskDeployment:
 
 def build_app(args: dict | ServeArgs) -> Application:
     """The Serve application: `serve run serve.app:app model_dir=DIR` (or JBERT_MODEL_DIR=DIR)."""
-    from jbert_ray.checkpoint import check_model_dir
+    from jbert_ray.inference import check_model_location
 
     if not isinstance(args, ServeArgs):  # Serve passes the `key=value` arguments as a dict of strings
         args = ServeArgs(**(args or {}))
     if not args.model_dir:
         raise UserError(f"no model directory: pass model_dir=DIR (or --model DIR) or set {MODEL_DIR_ENV}")
-    args = args.model_copy(update={"model_dir": str(check_model_dir(args.model_dir).resolve())})
+    # Each replica loads the model where it runs (a URI: fetched once per node); the check fails here, not there.
+    args = args.model_copy(update={"model_dir": check_model_location(args.model_dir)})
     if args.max_replicas < max(args.min_replicas, 1):
         raise UserError(f"max_replicas {args.max_replicas} is below min_replicas {args.min_replicas}")
     deployment = FillMaskDeployment.options(

@@ -1,8 +1,8 @@
 """Score a Japanese corpus with a BERT model's pseudo-log-likelihood on Ray (optionally filter it).
 
 Local:  python -m jobs.score --input jbert_ray/sample/ja_sample.jsonl --model runs/demo/model --out runs/scores
-Ray:    ray job submit --working-dir . -- python -m jobs.score --input s3://bucket/ja/ --model /shared/model \\
-            --out /shared/scores --gpus-per-actor 1
+Ray:    ray job submit --working-dir . -- python -m jobs.score --input s3://bucket/ja/ --model s3://bucket/model \\
+            --out s3://bucket/scores --gpus-per-actor 1
 """
 
 import sys

@@ -1,16 +1,19 @@
-"""`jbert score` on a local Ray: every row exactly once, scores equal MaskedLM.score, resume, filtering."""
+"""`jbert score` on a local Ray: every row exactly once, scores equal MaskedLM.score, resume, filtering; model and
+output on a local S3 server."""
 
 import json
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
 
 from jbert_ray.cli import main
 from jbert_ray.inference import MaskedLM
+from jbert_ray.storage import Store
 from tests.conftest import REPO, read_sample
 
 pytestmark = pytest.mark.ray
@@ -38,6 +41,21 @@ def expected_ids(corpus) -> list[str]:
 def read_parts(out) -> dict:
     table = pq.read_table(sorted((out / "parts").glob("part-*.parquet")))
     return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def read_s3_parts(uri: str) -> dict:
+    store = Store(uri)
+    table = pq.read_table([store.full(p) for p in store.files("parts")], filesystem=store.filesystem)
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+@pytest.fixture
+def s3_model(s3_bucket, tiny_model_dir, tmp_path, monkeypatch) -> str:
+    """The tiny model uploaded to a fresh bucket (the driver's cache of it under tmp_path)."""
+    monkeypatch.setenv("JBERT_CACHE_DIR", str(tmp_path / "cache"))
+    uri = s3_bucket("models/tiny")
+    Store(uri).upload(tiny_model_dir)
+    return uri
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +149,49 @@ def test_small_corpus_is_cut_into_batch_sized_blocks(ray_cluster):
     sizes = [block.num_rows for bundle in dataset.iter_internal_ref_bundles() for block in bundle.metadata]
     assert sum(sizes) == 9064
     assert len(sizes) >= 100 and max(sizes) <= 128
+
+
+def test_model_and_output_on_s3_give_the_scores_of_a_local_run(scored, corpus, s3_model, s3_bucket):
+    out = s3_bucket("scores")
+    assert main(["score", "--input", str(corpus), "--model", s3_model, "--out", out, "--batch-size", "8",
+                 "--rows-per-part", "16", "--filter-percentile", "25", "--no-progress"]) == 0  # fmt: skip
+    store, rows, local = Store(out), read_s3_parts(out), read_parts(scored)
+    assert sorted(rows["id"]) == sorted(expected_ids(corpus)) and len(store.files("parts")) == 3
+    local_pll = dict(zip(local["id"], local["pll"]))
+    assert [local_pll[i] is None for i in rows["id"]] == [p is None for p in rows["pll"]]
+    scored_ids = [(i, p) for i, p in zip(rows["id"], rows["pll"]) if p is not None]
+    assert [p for _, p in scored_ids] == pytest.approx([local_pll[i] for i, _ in scored_ids], abs=1e-4)
+    summary, local_summary = store.read_json("summary.json"), json.loads((scored / "summary.json").read_text())
+    assert summary["rows_in"] == len(expected_ids(corpus)) and summary["config"]["model_dir"] == s3_model
+    assert summary["filtered"]["rows_kept"] == local_summary["filtered"]["rows_kept"]
+    assert store.is_file("filtered/corpus.jsonl") and len(store.read_bytes("pll_per_token.png")) > 1000
+
+
+def test_resume_on_s3_scores_only_the_missing_ids(ray_cluster, corpus, s3_model, s3_bucket):
+    out = s3_bucket("scores")
+    args = ["score", "--input", str(corpus), "--model", s3_model, "--out", out, "--batch-size", "8",
+            "--rows-per-part", "8", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    store = Store(out)
+    parts = store.files("parts")
+    for name in parts[len(parts) // 2 :] + ["summary.json"]:  # as if killed half way
+        store.delete(name)
+    kept = read_s3_parts(out)["id"]
+    assert main(args) == 2  # a non-empty output without --resume or --overwrite is refused
+    assert main(args + ["--resume"]) == 0
+    ids = read_s3_parts(out)["id"]
+    assert sorted(ids) == sorted(expected_ids(corpus)) and len(ids) == len(set(ids))
+    summary = store.read_json("summary.json")
+    assert summary["rows_resumed"] == len(kept) and summary["rows_this_run"] == len(ids) - len(kept)
+
+
+def test_missing_bucket_or_model_on_s3_is_one_clear_line(corpus, tiny_model_dir, s3_model, s3_endpoint, tmp_path,
+                                                         capsys):  # fmt: skip
+    missing_bucket = f"s3://no-such-{uuid.uuid4().hex[:8]}/scores?endpoint_override={s3_endpoint}&scheme=http"
+    missing_model = s3_model.replace("models/tiny", "models/nope")
+    cases = [(tiny_model_dir, missing_bucket, "cannot write to output"),
+             (missing_model, str(tmp_path / "out"), "model directory not found: s3://")]  # fmt: skip
+    for model, out, message in cases:
+        assert main(["score", "--input", str(corpus), "--model", str(model), "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

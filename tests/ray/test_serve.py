@@ -221,6 +221,23 @@ def test_a_modernbert_model_answers_as_the_inference_core_does(extra_app, tiny_m
         assert got["pll"] == pytest.approx(expected["pll"], abs=1e-3)
 
 
+def test_a_model_on_s3_is_fetched_by_the_replica_and_answers(extra_app, s3_bucket, tiny_model_dir, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    from jbert_ray.inference import MaskedLM
+    from jbert_ray.storage import Store
+
+    monkeypatch.setenv("JBERT_CACHE_DIR", str(tmp_path / "cache"))  # the driver's check; replicas use theirs
+    uri = s3_bucket("models/tiny")
+    Store(uri).upload(tiny_model_dir)
+    url = extra_app(model_dir=uri)
+    served = post(f"{url}/fill-mask", {"texts": TEXTS, "top_k": 3})
+    assert served.status_code == 200, served.text
+    direct = MaskedLM.from_pretrained(tiny_model_dir, device="cpu").fill_mask(TEXTS, top_k=3)
+    for per_mask, expected in zip(served.json()["predictions"], direct):
+        assert [[c["token"] for c in m] for m in per_mask] == [[c["token"] for c in m] for m in expected]
+    assert requests.get(f"{url}/info", timeout=10).json()["model_dir"] == uri
+
+
 def test_bearer_token_is_required_when_set(extra_app):
     url = extra_app(api_token="s3cret")
     body = {"text": "東京は[MASK]です。"}
