@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +33,7 @@ from jbert_ray.shards import (
     line_ranges,
     new_counts,
 )
+from jbert_ray.storage import Store, endpoint_uri, is_uri, local_copy
 from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
 
@@ -50,8 +50,8 @@ _OUTPUT_SHAPING = (
 @dataclass(frozen=True)
 class PreprocessConfig:
     input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
-    tokenizer_dir: str  # a tokenizer directory (`jbert vocab` output or a Tohoku-style HF one)
-    output_dir: str  # shards: train/, valid/, tokenizer/, rejects/, manifest.json
+    tokenizer_dir: str  # a tokenizer dir, local or a URI (`jbert vocab` output or a Tohoku-style HF one)
+    output_dir: str  # shards: train/, valid/, tokenizer/, rejects/, manifest.json; local or a URI
     max_seq_len: int = 128  # tokens per row including [CLS] and the [SEP]s (BERT phase 1 uses 128)
     text_field: str = "text"  # JSON field or parquet column holding the text
     id_field: str | None = None  # JSON field or parquet column with document ids; None = file:line
@@ -82,7 +82,8 @@ class ShardWriter:
 
     def __init__(self, config: dict, doc_root: str, run_token: str):
         self.config = PreprocessConfig.from_dict(config)
-        self.tokenizer = JapaneseTokenizer.from_pretrained(self.config.tokenizer_dir)  # one tagger per actor
+        # One tagger per actor; a remote tokenizer dir is fetched once per node (the actor may be on another one).
+        self.tokenizer = JapaneseTokenizer.from_pretrained(local_copy(self.config.tokenizer_dir))
         # clean_text has applied NFKC already; it is idempotent, so the tokenizer's own pass can be skipped.
         if self.config.text.normalization.upper() == "NFKC":
             self.tokenizer.normalize_text = False
@@ -194,14 +195,13 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files:
     run_config.update(tokenizer_sha256=tokenizer_sha, corpus_files=corpus_fingerprint(files))
     if shards.complete:  # --resume on a finished run: nothing is missing
         shards.check_run_config(run_config, shards.manifest().get("run_config", {}))
-        shutil.rmtree(shards.staging, ignore_errors=True)
+        shards.discard_staging()
         return {**shards.manifest(), "already_complete": True}
     shards.check_run_config(run_config)
     done = shards.recover()  # done records of an interrupted run (empty on a fresh one)
     run_token = shards.start_run()
-    _copy_tokenizer(Path(config.tokenizer_dir), shards.staging / "tokenizer")
-    for folder in ("train", "rejects") + (("valid",) if config.valid_fraction else ()):
-        (shards.staging / folder).mkdir(exist_ok=True)  # present even when empty: readers can rely on them
+    _copy_tokenizer(local_copy(config.tokenizer_dir), shards)
+    shards.make_folders(("train", "rejects") + (("valid",) if config.valid_fraction else ()))
     _check_pool_fits(config.num_actors)
 
     progress = Progress("preprocess", rate_key="tokens", enabled=config.show_progress)
@@ -235,7 +235,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files:
         reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(manifest["rejects_by_reason"].items()))
         raise UserError(
             f"corpus {config.input} has no usable text: all {manifest['records_read']:,} records were rejected "
-            f"({reasons}); see {shards.staging / 'rejects'}"
+            f"({reasons}); see {shards.staged.child('rejects')}"
         )
     shards.publish(manifest)
     return manifest
@@ -250,7 +250,7 @@ def doc_id(record_id: str, root: str) -> str:
 class PreparedPreprocess(NamedTuple):
     """A preprocess job checked before Ray starts."""
 
-    config: PreprocessConfig  # with absolute paths (actors run elsewhere)
+    config: PreprocessConfig  # with absolute paths and endpoint URIs (actors run elsewhere)
     tokenizer_sha: str  # sha256 of the tokenizer's vocab.txt
     files: CorpusFiles  # the corpus, listed once
 
@@ -258,13 +258,13 @@ class PreparedPreprocess(NamedTuple):
 def prepare_preprocess(config: PreprocessConfig) -> PreparedPreprocess:
     """Every check that needs no cluster (tokenizer, corpus files, output folder), so a mistake fails in a
     second with one line: call it before starting Ray."""
-    tokenizer_dir, tokenizer_sha = check_tokenizer(config.tokenizer_dir)
+    config = _absolute_paths(config)
+    tokenizer_sha = check_tokenizer(config.tokenizer_dir)
     files = resolve_paths(config.input)
-    out = Path(config.output_dir).resolve()
-    if "://" not in config.input and _overlaps(out, config.input, files.paths):
+    if _overlaps(config.output_dir, config.input, files.paths):
         raise UserError(f"output {config.output_dir} and corpus {config.input} overlap: choose another --out")
-    ShardsDir.check(out, overwrite=config.overwrite, resume=config.resume)
-    return PreparedPreprocess(_absolute_paths(config, tokenizer_dir), tokenizer_sha, files)
+    ShardsDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    return PreparedPreprocess(config, tokenizer_sha, files)
 
 
 def corpus_fingerprint(files: CorpusFiles) -> str:
@@ -278,10 +278,6 @@ def corpus_fingerprint(files: CorpusFiles) -> str:
 
 def validate(config: PreprocessConfig) -> None:
     """The checks on the settings alone (PreprocessConfig runs them when it is made)."""
-    if "://" in config.output_dir:
-        raise UserError(
-            f"--out {config.output_dir}: write shards to a local or mounted path (e.g. NFS), not a URI"
-        )
     if config.max_seq_len < MIN_SEQ_LEN:
         raise UserError(f"--max-seq-len {config.max_seq_len} is too small (at least {MIN_SEQ_LEN})")
     if not 0.0 <= config.valid_fraction < 1.0:
@@ -292,30 +288,41 @@ def validate(config: PreprocessConfig) -> None:
         raise UserError("give --resume or --overwrite, not both")
 
 
-def check_tokenizer(path: str) -> tuple[Path, str]:
-    """Load the tokenizer once on the driver (one clear error if it is not one); return (dir, vocab sha256)."""
-    directory = Path(path).absolute()
+def check_tokenizer(path: str) -> str:
+    """Load the tokenizer once on the driver (one clear error if it is not one); return its vocab's sha256."""
+    directory = local_copy(path)  # a remote dir: fetched into this node's cache
     try:
         tokenizer = JapaneseTokenizer.from_pretrained(directory)
     except (UnicodeDecodeError, ValueError, OSError) as error:
         raise UserError(f"{path} is not a usable tokenizer directory: {error}") from None
     if tokenizer.vocab_size < 6:
         raise UserError(f"{path} is not a usable tokenizer directory: its vocabulary has only special tokens")
-    return directory, file_sha256(directory / "vocab.txt")
+    return file_sha256(directory / "vocab.txt")
 
 
-def _absolute_paths(config: PreprocessConfig, tokenizer_dir: Path) -> PreprocessConfig:
-    # Actors may run in another working directory: give them absolute paths.
+def _absolute_paths(config: PreprocessConfig) -> PreprocessConfig:
+    # Actors may run in another working directory or on another node: give them absolute paths, and URIs that
+    # name their endpoint (workers do not see the driver's AWS_ENDPOINT_URL).
     values = asdict(config)
-    values["tokenizer_dir"] = str(tokenizer_dir)
-    values["output_dir"] = str(Path(config.output_dir).absolute())
+    values["tokenizer_dir"] = _location(config.tokenizer_dir)
+    values["output_dir"] = _location(config.output_dir)
     if "://" not in config.input:
         values["input"] = str(Path(config.input).absolute())
     return PreprocessConfig.from_dict(values)
 
 
-def _overlaps(out: Path, corpus: str, paths: list[str]) -> bool:
+def _location(path: str) -> str:
+    return endpoint_uri(path) if is_uri(path) else Store(path).location
+
+
+def _overlaps(output_dir: str, corpus: str, paths: list[str]) -> bool:
     """Would the output hold corpus files, or fall under the folder (or glob) that the corpus is listed from?"""
+    if is_uri(output_dir) != ("://" in corpus):
+        return False
+    if is_uri(output_dir):  # both in one store: compare as the filesystem names them (bucket/key)
+        out_path = Store(output_dir).path
+        return any(p == out_path or p.startswith(out_path + "/") for p in paths)
+    out = Path(output_dir).resolve()
     if any(Path(p).is_relative_to(out) for p in paths):
         return True
     base = Path(corpus.split("*")[0].split("?")[0].split("[")[0] or ".")
@@ -334,11 +341,10 @@ def _check_pool_fits(num_actors: int) -> None:
         )
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
+def _copy_tokenizer(source: Path, shards: ShardsDir) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
+            shards.staged.write_bytes(f"tokenizer/{name}", (source / name).read_bytes())
 
 
 def _common_root(paths: list[str]) -> str:

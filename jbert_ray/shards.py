@@ -1,9 +1,10 @@
 """The output directory of `jbert preprocess`: staged writes, per-batch done records for resume, and publishing.
 
-Everything is written under SHARDS/.staging (files appear by atomic rename, never half-written). Each finished
-batch leaves a done record listing the input lines it covered, its files and its counts; a resumed run skips
-those lines and deletes files no done record names. Publishing moves the staged folders into place and writes
-manifest.json last, so a directory without manifest.json is always an incomplete one.
+One code path for a local path and a URI (s3://, gs://, …) through jbert_ray.storage.Store. Everything is written
+under SHARDS/.staging (files appear whole, never half-written). Each finished batch leaves a done record listing
+the input lines it covered, its files and its counts; a resumed run skips those lines and deletes files no done
+record names. Publishing moves the staged folders into place and writes manifest.json last, so a directory without
+manifest.json is always an incomplete one.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from jbert_ray.errors import UserError
-from jbert_ray.output_dir import read_json, write_json
 from jbert_ray.packing import padding_waste
+from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri, local_copy
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
@@ -31,14 +34,30 @@ SPLITS = ("train", "valid")
 _DONE = "done"
 _RUN_CONFIG = "run_config.json"
 _RUN_TOKEN = "run_token.json"
+_READERS = 16  # concurrent small reads (done records, parquet footers): each is a request to an object store
 
 
 class ShardsDir:
-    """SHARDS/ and its staging area; safe to use from the driver and from Ray actors (plain paths)."""
+    """SHARDS/ and its staging area, local or at a URI; safe to use from the driver and from Ray actors on any node
+    (only the location travels; each process opens its own filesystem).
+
+    The run lock (an fcntl lock on SHARDS/.jbert_shards, refusing a second run on the same output) exists only for a
+    local dir: object stores have no such lock. On a URI a second concurrent run is not refused, but the run token
+    still keeps the workers of an earlier run from committing once a newer run has started.
+    """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).absolute()
-        self.staging = self.root / STAGING
+        self.store = Store(root)
+        self.staged = self.store.child(STAGING)
+
+    @property
+    def root(self) -> Path | str:
+        """The location: an absolute Path for a local dir, else the URI."""
+        return self.store.location if self.store.is_remote else Path(self.store.location)
+
+    @property
+    def staging(self) -> Path | str:
+        return self.staged.location if self.staged.is_remote else Path(self.staged.location)
 
     # ---- driver side: open, resume, publish ----
 
@@ -47,18 +66,14 @@ class ShardsDir:
         """Prepare for a run: refuse a non-empty folder unless `overwrite` (cleared) or `resume` (kept)."""
         shards = cls(root)
         non_empty = cls.check(root, overwrite=overwrite, resume=resume)
-        try:
-            shards.root.mkdir(parents=True, exist_ok=True)
-            shards._lock = open(shards.root / MARKER, "a")  # noqa: SIM115 — held until the driver exits
-        except OSError as error:
-            raise UserError(f"cannot write to output {shards.root}: {error.strerror or error}") from None
-        try:  # a second run on the same output (a resume while the first still runs) would interleave
-            fcntl.flock(shards._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another preprocess run is writing to {shards.root}") from None
+        if shards.store.is_remote:
+            if not shards.store.is_file(MARKER):
+                shards.store.write_bytes(MARKER, b"")
+        else:
+            shards._lock_local()
         if non_empty and overwrite:
             shards._clear()
-        shards.staging.mkdir(parents=True, exist_ok=True)
+        shards.staged.filesystem.create_dir(shards.staged.path, recursive=True)
         return shards
 
     def close(self) -> None:
@@ -73,31 +88,34 @@ class ShardsDir:
         """Can a run write here? Raise a UserError if not; return whether the folder is non-empty."""
         if overwrite and resume:
             raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
-        path = Path(root)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"output {path} exists and is not a directory")
-        if not (path.is_dir() and any(path.iterdir())):
-            return False
-        if not (overwrite or resume):
+        store = Store(root)
+        try:
+            kind = store.kind()
+            names = _child_names(store) if kind == pafs.FileType.Directory else []
+        except OSError as error:
+            raise UserError(f"cannot read output {root}: {first_line(error)}") from None
+        if kind not in (pafs.FileType.Directory, pafs.FileType.NotFound):
+            raise UserError(f"output {root} exists and is not a directory")
+        if names and not (overwrite or resume):
             raise UserError(
-                f"output {path} is not empty: pass --overwrite to replace it or --resume to finish it"
+                f"output {root} is not empty: pass --overwrite to replace it or --resume to finish it"
             )
-        if not ((path / MARKER).exists() or (path / MANIFEST).exists()):
-            raise UserError(f"output {path} holds other files (no {MANIFEST}): choose another --out")
-        return True
+        if names and not (MARKER in names or MANIFEST in names):
+            raise UserError(f"output {root} holds other files (no {MANIFEST}): choose another --out")
+        store.check_writable()  # a missing bucket, a read-only folder: one line now, not a failed run later
+        return bool(names)
 
     @property
     def complete(self) -> bool:
-        return (self.root / MANIFEST).is_file()
+        return self.store.is_file(MANIFEST)
 
     def manifest(self) -> dict:
-        return json.loads((self.root / MANIFEST).read_text(encoding="utf-8"))
+        return json.loads(self.store.read_bytes(MANIFEST))
 
     def check_run_config(self, run_config: dict, previous: dict | None = None) -> None:
         """Record the settings that shape the output; a resumed run must use the same ones."""
-        path = self.staging / _RUN_CONFIG
-        if previous is None and path.is_file():
-            previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous is None and self.staged.is_file(_RUN_CONFIG):
+            previous = json.loads(self.staged.read_bytes(_RUN_CONFIG))
         if previous is not None:
             changed = sorted(
                 k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k)
@@ -106,14 +124,14 @@ class ShardsDir:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} → {run_config.get(k)!r}" for k in changed)
                 raise UserError(f"cannot resume {self.root}: settings differ ({detail}); use --overwrite")
         else:
-            write_json(path, run_config)
+            self.staged.write_json(_RUN_CONFIG, run_config)
 
     def recover(self) -> dict[str, list[tuple[int, int]]]:
         """Undo a half-done publish and drop files of unfinished batches; return the input lines already done
         (per path, merged inclusive ranges: empty on a fresh run)."""
         for name in PUBLISHED:
-            if (self.root / name).exists() and not (self.staging / name).exists():
-                os.replace(self.root / name, self.staging / name)
+            if self.store.exists(name) and not self.staged.exists(name):
+                self.store.move(name, f"{STAGING}/{name}")
         return self.prune()
 
     def prune(self) -> dict[str, list[tuple[int, int]]]:
@@ -124,67 +142,77 @@ class ShardsDir:
             keep.update(record["files"])
             ranges.append({"ranges": record["ranges"]})
         for folder in ("train", "valid", "rejects"):
-            for path in (self.staging / folder).rglob("*"):
-                if path.is_file() and path.relative_to(self.staging).as_posix() not in keep:
-                    path.unlink()
+            for name in self.staged.files(folder):
+                if name not in keep:
+                    self.staged.delete(name)
         return merge_ranges(ranges)
 
     def start_run(self) -> str:
         """A new token for this run: workers of an earlier, killed run see it and stop committing."""
         token = uuid.uuid4().hex
-        write_json(self.staging / _RUN_TOKEN, {"run": token})
+        self.staged.write_json(_RUN_TOKEN, {"run": token})
         return token
 
     def current_run(self) -> str | None:
-        try:
-            return json.loads((self.staging / _RUN_TOKEN).read_text(encoding="utf-8"))["run"]
-        except (OSError, ValueError, KeyError):
-            return None
+        record = self.staged.read_json(_RUN_TOKEN)
+        return record.get("run") if isinstance(record, dict) else None
 
     def done_records(self) -> Iterator[dict]:
-        for path in sorted((self.staging / _DONE).glob("*.json")):
-            yield json.loads(path.read_text(encoding="utf-8"))
+        """The done records in name order (read a few at a time: on an object store each read is a request)."""
+        names = [n for n in self.staged.files(_DONE) if n.endswith(".json")]
+        with ThreadPoolExecutor(_READERS) as pool:
+            yield from pool.map(lambda name: json.loads(self.staged.read_bytes(name)), names)
+
+    def make_folders(self, names: Iterable[str]) -> None:
+        """Staged folders present even when empty: readers can rely on them."""
+        for name in names:
+            self.staged.filesystem.create_dir(self.staged.full(name), recursive=True)
+
+    def discard_staging(self) -> None:
+        self.store.delete(STAGING)
 
     def publish(self, manifest: dict) -> None:
         """Move the staged folders into place, then write manifest.json: the run is complete."""
         for name in PUBLISHED:
-            if (self.staging / name).exists():
-                if (self.root / name).exists():
-                    shutil.rmtree(self.root / name)
-                os.replace(self.staging / name, self.root / name)
-        write_json(self.root / MANIFEST, manifest)
-        shutil.rmtree(self.staging, ignore_errors=True)
+            if self.staged.exists(name):
+                self.store.delete(name)
+                self.store.move(f"{STAGING}/{name}", name)
+                # On an object store an empty folder moves as nothing: make it again.
+                self.store.filesystem.create_dir(self.store.full(name), recursive=True)
+        self.store.write_json(MANIFEST, manifest)
+        self.discard_staging()
+
+    def _lock_local(self) -> None:
+        try:
+            self.store.filesystem.create_dir(self.store.path, recursive=True)
+            self._lock = open(Path(self.store.path) / MARKER, "a")  # noqa: SIM115 — held until the driver exits
+        except OSError as error:
+            raise UserError(f"cannot write to output {self.root}: {error.strerror or error}") from None
+        try:  # a second run on the same output (a resume while the first still runs) would interleave
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another preprocess run is writing to {self.root}") from None
 
     def _clear(self) -> None:
-        (self.root / MANIFEST).unlink(missing_ok=True)  # first: from here on the folder reads as incomplete
-        for child in self.root.iterdir():
-            if child.name != MARKER:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        self.store.delete(MANIFEST)  # first: from here on the folder reads as incomplete
+        for name in _child_names(self.store):
+            if name != MARKER:
+                self.store.delete(name)
 
     # ---- worker side: staged files and done records ----
 
     def write_table(self, relative: str, table) -> str:
-        """Write a parquet file under staging by atomic rename; return its staging-relative path."""
-        import pyarrow.parquet as pq
-
-        path = self.staging / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        """Write a parquet file under staging (whole or not at all); return its staging-relative path."""
+        self.staged.write_parquet(relative, table)
         return relative
 
     def write_lines(self, relative: str, lines: Iterable[str]) -> str:
-        path = self.staging / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        self.staged.write_text(relative, "".join(line + "\n" for line in lines))
         return relative
 
     def commit(self, key: str, record: dict) -> None:
         """The batch is done: written last, after all its files."""
-        write_json(self.staging / _DONE / f"{key}.json", {"key": key, **record})
+        self.staged.write_json(f"{_DONE}/{key}.json", {"key": key, **record})
 
 
 def build_manifest(records: Iterable[dict], config: dict, tokenizer_sha: str, **extra) -> dict:
@@ -306,16 +334,28 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    root: Path
+    """A finished `jbert preprocess` output, local or at a URI.
+
+    Read the parquet files with their filesystem: `ray.data.read_parquet(info.train_files, filesystem=
+    info.filesystem)` or `pq.read_table(path, filesystem=info.filesystem)`; load the tokenizer with
+    `local_copy(info.tokenizer_dir)` on each node (a URI is fetched once per node, a local Path is itself).
+    """
+
+    root: Path | str  # an absolute Path, or the URI with its endpoint (AWS_ENDPOINT_URL passed on)
+    store: Store  # the shards dir; picklable (the location travels, each process opens its own)
     manifest: dict
-    tokenizer_dir: Path
+    tokenizer_dir: Path | str  # root/tokenizer: a Path, or a URI for local_copy on the node that loads it
     tokenizer_sha256: str
     vocab_size: int
     max_seq_len: int
-    train_files: list[Path]
+    train_files: list[str]  # as `filesystem` names them: absolute local paths, or bucket/key for s3
     train_file_rows: list[int]
-    valid_files: list[Path]
+    valid_files: list[str]
     valid_rows: int
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self.store.filesystem
 
     @property
     def train_rows(self) -> int:
@@ -326,45 +366,70 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
     """Read manifest.json and the parquet footers; raise a UserError on incomplete, empty or mismatched shards."""
     import pyarrow.parquet as pq
 
-    root = Path(data_dir)
-    manifest = read_json(root / "manifest.json")
-    if not root.is_dir():
-        raise UserError(f"--data {root} does not exist")
+    store = Store(endpoint_uri(str(data_dir)) if is_uri(data_dir) else data_dir)
+    root = store.location if store.is_remote else Path(store.location)
+    try:
+        kind = store.kind()
+        manifest = store.read_json(MANIFEST)
+        tokenizer = store.child("tokenizer")
+        has_vocab = tokenizer.is_file("vocab.txt")
+    except OSError as error:
+        raise UserError(f"cannot read --data {data_dir}: {first_line(error)}") from None
+    if kind != pafs.FileType.Directory:
+        raise UserError(f"--data {data_dir} does not exist")
     if not isinstance(manifest, dict):
         raise UserError(f"{root} has no manifest.json: it is not a finished `jbert preprocess` output")
-    tokenizer_dir = root / "tokenizer"
-    if not (tokenizer_dir / "vocab.txt").is_file():
+    if not has_vocab:
         raise UserError(f"{root} has no tokenizer/vocab.txt: rerun `jbert preprocess`")
-    sha = file_sha256(tokenizer_dir / "vocab.txt")  # the manifest names the tokenizer by its vocab's hash
+    vocab = local_copy(tokenizer.location) / "vocab.txt"
+    sha = file_sha256(vocab)  # the manifest names the tokenizer by its vocab's hash
     if manifest.get("tokenizer_sha256") != sha:
         raise UserError(
             f"{root}: manifest tokenizer_sha256 {str(manifest.get('tokenizer_sha256'))[:12]}… does not match "
             f"tokenizer/vocab.txt ({sha[:12]}…): the shards were made with another tokenizer"
         )
     max_seq_len = int((manifest.get("config") or {}).get("max_seq_len") or 0)
-    train_files = sorted((root / "train").glob("**/*.parquet"))
-    valid_files = sorted((root / "valid").glob("**/*.parquet"))
-    file_rows = [pq.read_metadata(f).num_rows for f in train_files]
+    train_files, file_rows = _parquet_rows(store, "train")
+    valid_files, valid_file_rows = _parquet_rows(store, "valid")
     nonempty = [(f, n) for f, n in zip(train_files, file_rows) if n > 0]
     if not nonempty:
         raise UserError(f"{root}/train has no training sequences (no non-empty parquet files)")
-    schema = pq.read_schema(nonempty[0][0])
+    schema = pq.read_schema(nonempty[0][0], filesystem=store.filesystem)
     missing = [c for c in ("input_ids", "word_start") if c not in schema.names]
     if missing:
         raise UserError(f"{nonempty[0][0]} lacks columns {missing}: not a `jbert preprocess` shard")
-    valid_rows = sum(pq.read_metadata(f).num_rows for f in valid_files)
     return ShardInfo(
         root=root,
+        store=store,
         manifest=manifest,
-        tokenizer_dir=tokenizer_dir,
+        tokenizer_dir=tokenizer.location if tokenizer.is_remote else Path(tokenizer.location),
         tokenizer_sha256=sha,
-        vocab_size=len(_read_lines(tokenizer_dir / "vocab.txt")),
+        vocab_size=len(_read_lines(vocab)),
         max_seq_len=max_seq_len or 512,
         train_files=[f for f, _ in nonempty],
         train_file_rows=[n for _, n in nonempty],
-        valid_files=[f for f in valid_files if pq.read_metadata(f).num_rows > 0],
-        valid_rows=valid_rows,
+        valid_files=[f for f, n in zip(valid_files, valid_file_rows) if n > 0],
+        valid_rows=sum(valid_file_rows),
     )
+
+
+def _parquet_rows(store: Store, folder: str) -> tuple[list[str], list[int]]:
+    """The folder's parquet files (as the filesystem names them) and their row counts, from the footers."""
+    import pyarrow.parquet as pq
+
+    try:
+        paths = [store.full(name) for name in store.files(folder) if name.endswith(".parquet")]
+        with ThreadPoolExecutor(_READERS) as pool:
+            rows = list(pool.map(lambda p: pq.read_metadata(p, filesystem=store.filesystem).num_rows, paths))
+    except OSError as error:
+        raise UserError(f"cannot read {store.child(folder)}: {first_line(error)}") from None
+    return paths, rows
+
+
+def _child_names(store: Store) -> list[str]:
+    """Names of the entries right under the store's dir (none if it does not exist)."""
+    selector = pafs.FileSelector(store.path, recursive=False, allow_not_found=True)
+    return [info.base_name for info in store.filesystem.get_file_info(selector)]
 
 
 def _read_lines(path: Path) -> list[str]:

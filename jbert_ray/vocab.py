@@ -1,23 +1,29 @@
 """Distributed vocabulary training: Ray Data reads the corpus, actors split it into MeCab words (one tagger per
-actor), the driver merges the word counts, and the `tokenizers` WordPiece trainer builds the vocab from them."""
+actor), the driver merges the word counts, and the `tokenizers` WordPiece trainer builds the vocab from them.
+The output is a local path or a URI: a remote one is trained into a local temporary dir, then uploaded."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from jbert_ray.corpus import CorpusFiles, RejectsWriter, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.output_dir import prepare_output_dir
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool
+from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri
 from jbert_ray.text import TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
 
@@ -25,7 +31,7 @@ from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
 @dataclass(frozen=True)
 class VocabConfig:
     input: str  # corpus: file, folder or glob of .jsonl/.txt/.parquet (.gz), local or s3://, gs://, hdfs://
-    output_dir: str  # the tokenizer directory to write
+    output_dir: str  # the tokenizer directory to write: a local path or a URI (s3://…)
     text_field: str = "text"  # JSON field or parquet column holding the text
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -73,18 +79,55 @@ class PreparedVocab(NamedTuple):
 
     config: VocabConfig
     files: CorpusFiles  # the corpus, listed once
-    output_dir: Path
+    output: Path | Store  # a local dir, created (and cleared with --overwrite); or a remote one, checked
 
 
 def prepare_vocab(config: VocabConfig) -> PreparedVocab:
-    """The checks that need no cluster (the corpus exists, the output is writable): call before starting Ray."""
+    """The checks that need no cluster (the corpus exists, the output is writable and empty, or --overwrite): call
+    before starting Ray."""
     files = resolve_paths(config.input)
-    return PreparedVocab(config, files, prepare_output_dir(config.output_dir, overwrite=config.overwrite))
+    if not is_uri(config.output_dir):
+        return PreparedVocab(config, files, prepare_output_dir(config.output_dir, overwrite=config.overwrite))
+    return PreparedVocab(config, files, check_remote_output(config.output_dir, overwrite=config.overwrite))
+
+
+def check_remote_output(uri: str, overwrite: bool = False) -> Store:
+    """The rules of prepare_output_dir for a URI: writable, and empty unless `overwrite` (cleared on upload)."""
+    store = Store(endpoint_uri(uri))
+    try:
+        kind, has_files = store.kind(), bool(store.files())
+    except OSError as error:
+        raise UserError(f"cannot read output {uri}: {first_line(error)}") from None
+    if kind == pafs.FileType.File:
+        raise UserError(f"output {uri} exists and is not a directory")
+    if has_files and not overwrite:
+        raise UserError(f"output {uri} is not empty: pass --overwrite to replace it")
+    store.check_writable()
+    return store
 
 
 def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
     """Count MeCab words over the corpus on the cluster, train WordPiece, save the tokenizer directory."""
-    config, files, output_dir = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
+    config, files, output = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
+    with _work_dir(output) as output_dir:
+        return _count_and_train(config, files, output_dir)
+
+
+@contextmanager
+def _work_dir(output: Path | Store) -> Iterator[Path]:
+    """Where the tokenizer is written: the output itself when local; else a temporary dir, uploaded (replacing
+    what was there) when training has succeeded."""
+    if isinstance(output, Path):
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="jbert_vocab_") as tmp:
+        yield Path(tmp)
+        for name in output.files():  # --overwrite; file by file: the output may be a bucket's root
+            output.delete(name)
+        output.upload(tmp)
+
+
+def _count_and_train(config: VocabConfig, files: CorpusFiles, output_dir: Path) -> dict:
     dataset = read_corpus(files, text_field=config.text_field).map_batches(
         WordCounter,
         fn_constructor_kwargs={"text_config": config.text, "mecab_dic": config.tokenizer.mecab_dic},

@@ -1,7 +1,7 @@
 """Train a Japanese WordPiece vocabulary on Ray.
 
 Local:  python -m jobs.build_vocab --input jbert_ray/sample/ja_sample.jsonl --out runs/tokenizer --vocab-size 8000
-Ray:    ray job submit --working-dir . -- python -m jobs.build_vocab --input s3://bucket/corpus/ --out /shared/tok
+Ray:    ray job submit --working-dir . -- python -m jobs.build_vocab --input s3://bucket/corpus/ --out s3://bucket/tok
 """
 
 import sys

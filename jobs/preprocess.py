@@ -2,7 +2,7 @@
 
 Local:  python -m jobs.preprocess --input jbert_ray/sample/ja_sample.jsonl --tokenizer runs/tokenizer --out runs/shards
 Ray:    ray job submit --working-dir . -- python -m jobs.preprocess --input s3://bucket/corpus/ \
-            --tokenizer /shared/tok --out /shared/shards --max-seq-len 128 --valid-fraction 0.01
+            --tokenizer s3://bucket/tok --out s3://bucket/shards --max-seq-len 128 --valid-fraction 0.01
 """
 
 import sys

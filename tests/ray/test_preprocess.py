@@ -1,6 +1,7 @@
 """`jbert preprocess` on a real local Ray (2 CPUs) and the bundled Japanese sample: shards decode back to the
-normalized text, tokens add up exactly, planted bad records are all accounted for, and a killed run resumes
-without duplicated or missing documents."""
+normalized text, tokens add up exactly, planted bad records are all accounted for, a killed run resumes
+without duplicated or missing documents, and a tokenizer and an output in an S3 bucket (a local S3 server) give
+the same shards as local ones."""
 
 import gzip
 import json
@@ -20,6 +21,8 @@ from jbert_ray.cli import main
 from jbert_ray.cli_data import PADDING_WARNING
 from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig, run_preprocess
+from jbert_ray.shards import inspect_shards
+from jbert_ray.storage import Store
 from jbert_ray.text import clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
 
@@ -34,8 +37,18 @@ def write_jsonl(path: Path, texts) -> Path:
     return path
 
 
-def read_split(shards: Path, split: str = "train") -> list[dict]:
-    return pads.dataset(shards / split, format="parquet").to_table().to_pylist()
+def read_split(shards: Path | str, split: str = "train") -> list[dict]:
+    """The rows of a split, from a local folder or a URI."""
+    store = Store(shards).child(split)
+    return pads.dataset(store.path, filesystem=store.filesystem, format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """Where outputs go: a function of a relative name giving a local path or an s3:// URI."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket")
+    return lambda name: str(tmp_path / name)
 
 
 def config(corpus, tokenizer_dir, out, **overrides) -> PreprocessConfig:
@@ -120,6 +133,54 @@ def test_shards_decode_back_to_the_normalized_text(sample_run, tok):
             assert decoded == "".join(normalized.split())  # MeCab drops spaces: compare without them
             compared += 1
     assert not by_doc and compared > 1000
+
+
+def test_a_bucket_gives_the_same_shards_as_a_local_dir(sample_run, tokenizer_dir, s3_bucket, capsys):
+    _, local_out, local = sample_run
+    tokenizer, out = s3_bucket("tokenizer"), s3_bucket("runs/shards")
+    Store(tokenizer).upload(tokenizer_dir)
+    corpus = local_out.parent / "ja.jsonl"
+    assert main(["preprocess", "--input", str(corpus), "--tokenizer", tokenizer, "--out", out, "--no-progress",
+                 "--max-seq-len", "32", "--valid-fraction", "0.2", "--batch-size", "256",
+                 "--no-pack-across-docs"]) == 0  # fmt: skip
+    manifest = Store(out).read_json("manifest.json")
+    counted = ("records_read", "records_kept", "documents", "sentences", "sequences", "tokens", "splits")
+    assert {k: manifest[k] for k in counted} == {k: local[k] for k in counted}
+    assert manifest["tokenizer_sha256"] == local["tokenizer_sha256"]
+    assert not Store(out).child(".staging").files()
+    for split in ("train", "valid"):
+        rows = read_split(out, split)
+        assert len(rows) == manifest["splits"][split]["sequences"] > 0
+        assert sorted(r["doc_id"] for r in rows) == sorted(r["doc_id"] for r in read_split(local_out, split))
+    info = inspect_shards(out)
+    assert (info.train_rows, info.valid_rows) == (local["splits"]["train"]["sequences"],
+                                                  local["splits"]["valid"]["sequences"])  # fmt: skip
+    assert info.tokenizer_sha256 == local["tokenizer_sha256"] and str(info.tokenizer_dir).startswith("s3://")
+    dataset = ray_data_read(info.train_files, info.filesystem)  # as pretraining reads them
+    assert dataset.count() == info.train_rows
+    assert "→ s3://" in capsys.readouterr().out
+
+
+def ray_data_read(paths: list[str], filesystem):
+    import ray.data
+
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=["input_ids", "word_start"])
+
+
+def test_a_missing_bucket_or_unreadable_tokenizer_is_one_line_before_ray_work(
+    ray_cluster, tokenizer_dir, s3_endpoint, s3_bucket, tmp_path, capsys
+):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["日本語の文です。"])
+    missing = f"s3://no-such-bucket-y/shards?endpoint_override={s3_endpoint}&scheme=http"
+    args = ["preprocess", "--input", str(corpus), "--no-progress"]
+    assert main([*args, "--tokenizer", str(tokenizer_dir), "--out", missing]) == 2
+    assert main([*args, "--tokenizer", s3_bucket("no-tokenizer"), "--out", s3_bucket("out")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in errors[0]
+    assert "cannot write to output s3://no-such-bucket-y/shards" in errors[0], errors
+    assert "Bucket 'no-such-bucket-y' not found" in errors[0], errors
+    assert "cannot read s3://" in errors[1] and "no-tokenizer" in errors[1], errors
+    assert not Store(s3_bucket("out")).files()
 
 
 @pytest.fixture(scope="module")
@@ -215,20 +276,20 @@ def test_removed_static_masking_flag_is_one_clear_line(tokenizer_dir, tmp_path, 
 
 
 def test_killed_run_resumes_without_duplicated_or_missing_documents(
-    ray_cluster, tokenizer_dir, sample_texts, tmp_path
+    ray_cluster, tokenizer_dir, sample_texts, tmp_path, location
 ):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for part in range(3):
         write_jsonl(corpus / f"part{part}.jsonl", sample_texts[part * 2000 : (part + 1) * 2000])
-    out = tmp_path / "shards"
+    out = location("shards")
     args = [
         "--input",
         str(corpus),
         "--tokenizer",
         str(tokenizer_dir),
         "--out",
-        str(out),
+        out,
         "--batch-size",
         "100",
         "--no-pack-across-docs",
@@ -239,16 +300,20 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
         [sys.executable, "-m", "jobs.preprocess", *args, "--no-progress", "--num-cpus", "2"],
         cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    done = out / ".staging" / "done"
+    store = Store(out)
+
+    def done_records() -> int:
+        return sum(name.endswith(".json") for name in store.files(".staging/done"))
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None and len(list(done.glob("*.json"))) < 5:
+    while time.monotonic() < deadline and child.poll() is None and done_records() < 5:
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     _wait_for_group_exit(child.pid)
     log.close()
-    assert not (out / "manifest.json").exists()  # killed mid-way: the output does not look complete
-    before = len(list(done.glob("*.json")))
+    assert not store.exists("manifest.json")  # killed mid-way: the output does not look complete
+    before = done_records()
     assert 5 <= before < 60, (tmp_path / "child.log").read_text()[-3000:]
 
     assert main(["preprocess", *args, "--no-progress"]) == 2  # not empty: refuses without --resume

@@ -1,4 +1,5 @@
-"""`jbert vocab` end to end on a local Ray: real Japanese text, planted bad records, clear errors."""
+"""`jbert vocab` end to end on a local Ray: real Japanese text, planted bad records, clear errors, an output in an
+S3 bucket (a local S3 server)."""
 
 import gzip
 import json
@@ -12,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jbert_ray.cli import main
+from jbert_ray.storage import Store, local_copy
 from jbert_ray.tokenizer import JapaneseTokenizer
 from tests.conftest import REPO, read_sample
 
@@ -95,6 +97,32 @@ def test_bad_corpus_is_one_clear_error_line(ray_cluster, tmp_path, capsys, conte
     # was still starting when the error stopped the run); those lines are Ray's, prefixed "(pid=…)" or "(raylet)".
     lines = [line for line in capsys.readouterr().err.splitlines() if line and not RAY_LOG_LINE.match(line)]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_vocab_is_written_to_a_bucket_and_refuses_to_replace_it_without_overwrite(
+    ray_cluster, planted_corpus, s3_bucket, capsys
+):
+    out = s3_bucket("tokenizers/ja")
+    args = ["vocab", "--input", str(planted_corpus), "--out", out, "--vocab-size", "3000",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    store = Store(out)
+    assert {"vocab.txt", "tokenizer_config.json", "vocab_summary.json"} <= set(store.files())
+    assert store.read_json("vocab_summary.json")["vocab_size"] == 3000
+    assert JapaneseTokenizer.from_pretrained(local_copy(out)).vocab_size == 3000
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    store.write_text("stale.txt", "from an older run")
+    assert main([*args[:-2], "2000", "--no-progress", "--overwrite"]) == 0
+    assert store.read_json("vocab_summary.json")["vocab_size"] == 2000 and "stale.txt" not in store.files()
+
+
+def test_missing_bucket_is_one_line_before_any_work(ray_cluster, planted_corpus, s3_endpoint, capsys):
+    out = f"s3://no-such-bucket-z/tok?endpoint_override={s3_endpoint}&scheme=http"
+    assert main(["vocab", "--input", str(planted_corpus), "--out", out, "--no-progress"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and not RAY_LOG_LINE.match(line)]
+    assert len(lines) == 1 and "cannot write to output s3://no-such-bucket-z/tok" in lines[0], lines
 
 
 def test_unwritable_output_is_a_clear_error(ray_cluster, planted_corpus, tmp_path, capsys):

@@ -1,12 +1,20 @@
-"""The shards output directory without Ray: refusals, the run lock, done records, recovery and publishing."""
-
-import json
+"""The shards output directory without Ray: refusals, the run lock, done records, recovery and publishing, in a
+local folder and in an S3 bucket (a local S3 server) alike."""
 
 import pyarrow as pa
 import pytest
 
 from jbert_ray.errors import UserError
 from jbert_ray.shards import MANIFEST, ShardsDir, batch_key, line_ranges, merge_ranges
+from jbert_ray.storage import Store
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """Where outputs go: a function of a relative name giving a local path or an s3:// URI."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket")
+    return lambda name: str(tmp_path / name)
 
 
 def test_line_ranges_are_runs_of_consecutive_lines_per_file():
@@ -22,15 +30,31 @@ def test_merge_ranges_joins_neighbours_and_refuses_overlaps():
         merge_ranges([*records, {"ranges": {"a": [[9, 10]]}}])
 
 
-def test_a_non_empty_folder_is_refused_and_never_deleted_unless_ours(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
+def test_a_non_empty_folder_is_refused_and_never_deleted_unless_ours(location):
+    Store(location("out")).write_text("notes.txt", "mine")
     with pytest.raises(UserError, match="not empty"):
-        ShardsDir.open(tmp_path)
+        ShardsDir.open(location("out"))
     with pytest.raises(UserError, match="other files"):
-        ShardsDir.open(tmp_path, overwrite=True)
-    assert (tmp_path / "notes.txt").exists()
+        ShardsDir.open(location("out"), overwrite=True)
+    assert Store(location("out")).files() == ["notes.txt"]
     with pytest.raises(UserError, match="exclude"):
-        ShardsDir.open(tmp_path / "new", overwrite=True, resume=True)
+        ShardsDir.open(location("new"), overwrite=True, resume=True)
+
+
+def test_overwrite_clears_only_a_folder_we_made(location):
+    shards = ShardsDir.open(location("out"))
+    shards.write_lines("rejects/part-a.jsonl", ["{}"])
+    shards.publish({"documents": 0})
+    shards.close()
+    ShardsDir.open(location("out"), overwrite=True).close()
+    assert Store(location("out")).files() == [".jbert_shards"]  # the staging area is a folder without files
+
+
+def test_a_missing_bucket_is_one_line_before_anything_is_written(s3_endpoint):
+    uri = f"s3://no-such-bucket-x/shards?endpoint_override={s3_endpoint}&scheme=http"
+    with pytest.raises(UserError, match=r"^cannot write to output s3://no-such-bucket-x/shards.*not found") as error:
+        ShardsDir.check(uri)
+    assert "\n" not in str(error.value)
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
@@ -41,28 +65,28 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp
     ShardsDir.open(tmp_path / "out", resume=True).close()
 
 
-def test_recover_drops_unfinished_files_and_undoes_a_half_publish(tmp_path):
-    shards = ShardsDir.open(tmp_path / "out")
+def test_recover_drops_unfinished_files_and_undoes_a_half_publish(location):
+    shards = ShardsDir.open(location("out"))
     table = pa.table({"n_tokens": pa.array([3], pa.int32())})
     done = shards.write_table("train/part-a.parquet", table)
     shards.commit("a", {"ranges": {"f": [[1, 10]]}, "files": [done], "counts": {}})
     shards.write_table("train/part-b.parquet", table)  # killed before its done record
-    (shards.staging / "train" / "part-c.parquet.tmp").write_bytes(b"half")
-    (shards.staging / "train").rename(shards.root / "train")  # killed mid-publish
+    shards.staged.write_bytes("train/part-c.parquet.tmp", b"half")
+    shards.store.move(".staging/train", "train")  # killed mid-publish
     shards.close()
 
-    shards = ShardsDir.open(tmp_path / "out", resume=True)
+    shards = ShardsDir.open(location("out"), resume=True)
     assert shards.recover() == {"f": [(1, 10)]}
-    assert sorted(p.name for p in (shards.staging / "train").iterdir()) == ["part-a.parquet"]
+    assert shards.staged.files("train") == ["train/part-a.parquet"]
     assert not shards.complete
     shards.publish({"documents": 1})
-    assert shards.complete and json.loads((shards.root / MANIFEST).read_text()) == {"documents": 1}
-    assert (shards.root / "train" / "part-a.parquet").exists() and not shards.staging.exists()
+    assert shards.complete and shards.store.read_json(MANIFEST) == {"documents": 1}
+    assert shards.store.files("train") == ["train/part-a.parquet"] and not shards.staged.exists()
     shards.close()
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
-    shards = ShardsDir.open(tmp_path / "out")
+def test_resume_with_other_settings_is_refused(location):
+    shards = ShardsDir.open(location("out"))
     shards.check_run_config({"max_seq_len": 128})
     shards.check_run_config({"max_seq_len": 128})
     with pytest.raises(UserError, match="max_seq_len: 128 → 256"):
@@ -70,15 +94,17 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     shards.close()
 
 
-def test_a_worker_of_an_earlier_run_commits_nothing(tmp_path, tokenizer_dir):
+def test_a_worker_of_an_earlier_run_commits_nothing(location, tmp_path, tokenizer_dir):
     from dataclasses import asdict
 
     import numpy as np
 
     from jbert_ray.preprocess import PreprocessConfig, ShardWriter
 
-    shards = ShardsDir.open(tmp_path / "out")
-    config = PreprocessConfig(input="c.jsonl", tokenizer_dir=str(tokenizer_dir), output_dir=str(shards.root))
+    shards = ShardsDir.open(location("out"))
+    tokenizer = location("tokenizer")
+    Store(tokenizer).upload(tokenizer_dir)  # a remote one is fetched by the worker itself
+    config = PreprocessConfig(input="c.jsonl", tokenizer_dir=tokenizer, output_dir=str(shards.root))
     writer = ShardWriter(asdict(config), str(tmp_path), shards.start_run())
     texts = ["東京は日本の首都です。大阪は大きな都市です。", "   "]
     batch = {
@@ -97,5 +123,5 @@ def test_a_worker_of_an_earlier_run_commits_nothing(tmp_path, tokenizer_dir):
         writer(batch)
     assert len(list(shards.done_records())) == 1
     assert shards.prune() == {"c.jsonl": [(1, 2)]}  # and its files are dropped
-    assert sorted(p.name for p in (shards.staging / "rejects").iterdir()) == [f"part-{record['key']}.jsonl"]
+    assert shards.staged.files("rejects") == [f"rejects/part-{record['key']}.jsonl"]
     shards.close()
