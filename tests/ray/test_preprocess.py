@@ -152,9 +152,11 @@ def test_a_bucket_gives_the_same_shards_as_a_local_dir(sample_run, tokenizer_dir
         rows = read_split(out, split)
         assert len(rows) == manifest["splits"][split]["sequences"] > 0
         assert sorted(r["doc_id"] for r in rows) == sorted(r["doc_id"] for r in read_split(local_out, split))
-    info = inspect_shards(out)
+    info, local_info = inspect_shards(out), inspect_shards(local_out)
+    assert (info.train_rows, info.valid_rows) == (local_info.train_rows, local_info.valid_rows)
     assert (info.train_rows, info.valid_rows) == (local["splits"]["train"]["sequences"],
                                                   local["splits"]["valid"]["sequences"])  # fmt: skip
+    assert [Path(f).name for f in info.train_files] == [Path(f).name for f in local_info.train_files]
     assert info.tokenizer_sha256 == local["tokenizer_sha256"] and str(info.tokenizer_dir).startswith("s3://")
     dataset = ray_data_read(info.train_files, info.filesystem)  # as pretraining reads them
     assert dataset.count() == info.train_rows

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from jbert_ray.errors import UserError
-from jbert_ray.shards import MANIFEST, ShardsDir, batch_key, line_ranges, merge_ranges
+from jbert_ray.shard_records import batch_key, line_ranges, merge_ranges
+from jbert_ray.shards import MANIFEST, ShardsDir
 from jbert_ray.storage import Store
 
 
