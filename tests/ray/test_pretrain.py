@@ -2,6 +2,7 @@
 pipeline, a re-run resumes, a killed worker restarts from its checkpoint, a time budget stops on time and keeps its
 schedule on resume, both architectures continue with --init-from, bad input fails before training."""
 
+import itertools
 import json
 import os
 import shutil
@@ -166,7 +167,7 @@ def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cl
     # The lr of a row's last step was set from the clock after the previous row: it follows the budget's decay
     # (a re-read of the stream may stall the last step, so the final lr need not be ~0). metrics.csv keeps 6
     # significant digits: a step right after a row reads that row's clock, so allow 1 ms of rounding.
-    for previous, row in zip(rows, rows[1:]):
+    for previous, row in itertools.pairwise(rows):
         assert row["lr"] <= peak * max(0.0, 1 - (previous["elapsed_s"] - 1e-3) / budget_s) / 0.94
     # Warmed up to the peak, and the bound above was checked well into the decay (where a constant lr breaks it);
     # the last row's lr alone may be high: it was set before a stalled stream restart.
@@ -242,3 +243,37 @@ def test_init_from_a_model_with_another_vocab_is_refused(shards, tiny_model_dir,
     (model_dir / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
     argv = pretrain_argv(shards, tmp_path / "o", "--init-from", str(model_dir))
     expect_user_error(capsys, argv, "differs from the tokenizer the shards were made with")
+
+
+def test_a_run_on_object_storage_alone_trains_resumes_and_continues_with_init_from(ray_cluster, shards, s3_bucket):
+    """Shards, run dir and --init-from all on the local S3 server: nothing but the store connects the stages."""
+    from jbert_ray.inference import MaskedLM
+    from jbert_ray.storage import Store, local_copy
+    from jbert_ray.train_state import metrics_rows
+
+    data, run = Store(s3_bucket("shards")), Store(s3_bucket("run"))
+    data.upload(shards)
+    assert main(pretrain_argv(data.location, run.location, "--max-steps", "20", "--checkpoint-every", "10")) == 0
+    files = set(run.files())
+    assert {"model/model.safetensors", "model/vocab.txt", "metrics.csv", "curves.png", "results.json"} <= files
+    assert any(name.startswith("checkpoints/checkpoint_") for name in files)
+    assert any(name.startswith("tensorboard/") for name in files)
+    assert [r["step"] for r in metrics_rows(run)] == [5, 10, 15, 20]
+    assert main(pretrain_argv(data.location, run.location, "--max-steps", "30", "--checkpoint-every", "10")) == 0
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]  # resumed from the stored checkpoint
+    assert run.read_json("workers/rank_0.json")["start_step"] == 20
+    assert rows[4]["loss"] < rows[0]["loss"] - 1.0
+    second = Store(s3_bucket("second"))
+    argv = pretrain_argv(data.location, second.location, "--init-from", run.child("model").location, "--max-steps", "5")
+    assert main(argv) == 0
+    assert metrics_rows(second)[0]["loss"] < rows[0]["loss"] - 1.0  # it started from the stored export
+    (scores,) = MaskedLM.from_pretrained(local_copy(second.child("model").location)).score(["東京は日本の首都です。"])
+    assert scores["n_tokens"] > 0 and scores["pll"] < 0
+
+
+def test_a_missing_bucket_for_the_run_dir_is_one_line_before_training(shards, s3_endpoint, capsys):
+    out = f"s3://no-such-bucket/run?endpoint_override={s3_endpoint}&scheme=http"
+    assert main(pretrain_argv(shards, out, "--max-steps", "5")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to output s3://no-such-bucket/run" in err and "Traceback" not in err
