@@ -198,6 +198,8 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            # CPU workers take their node's cores as threads (torch_threads): one per node, not packed on one.
+            placement_strategy="PACK" if cfg.use_gpu else "SPREAD",
         ),
         run_config=RunConfig(
             name=RUN_NAME,
