@@ -24,6 +24,18 @@ SHARED_CORPUS = REPO.parent / "shared" / "corpus"  # train/valid; tests needing 
 TEST_VOCAB_SIZE = 4000
 
 
+def can_make_namespaces() -> bool:
+    """Root with `ip` and `unshare`: the two-node test can build its hosts (network, mount, UTS namespaces)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "jbsnprobe"], capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "del", "jbsnprobe"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
 def read_sample(limit: int | None = None) -> list[str]:
     with open(SAMPLE_PATH, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]

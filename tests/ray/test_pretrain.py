@@ -263,11 +263,11 @@ def test_a_run_on_object_storage_alone_trains_resumes_and_continues_with_init_fr
     rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]  # resumed from the stored checkpoint
     assert run.read_json("workers/rank_0.json")["start_step"] == 20
-    assert rows[4]["loss"] < rows[0]["loss"] - 1.0
+    assert rows[4]["loss"] < rows[0]["loss"] - 0.5  # from scratch, step 25 would be near step 5's loss
     second = Store(s3_bucket("second"))
     argv = pretrain_argv(data.location, second.location, "--init-from", run.child("model").location, "--max-steps", "5")
     assert main(argv) == 0
-    assert metrics_rows(second)[0]["loss"] < rows[0]["loss"] - 1.0  # it started from the stored export
+    assert metrics_rows(second)[0]["loss"] < rows[0]["loss"] - 0.5  # it started from the stored export
     (scores,) = MaskedLM.from_pretrained(local_copy(second.child("model").location)).score(["東京は日本の首都です。"])
     assert scores["n_tokens"] > 0 and scores["pll"] < 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE_PATH
+from tests.conftest import REPO, SAMPLE_PATH, can_make_namespaces
 
 pytestmark = pytest.mark.ray
 
@@ -42,16 +42,6 @@ NODE_ENV = {
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-def _namespaces_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
-        return False
-    probe = "jbsnprobe"
-    made = _ip("netns", "add", probe, check=False).returncode == 0
-    if made:
-        _ip("netns", "del", probe, check=False)
-    return made
 
 
 class TwoNodes:
@@ -166,9 +156,17 @@ class TwoNodes:
         raise AssertionError(f"job {job_id} did not end within {timeout} s")
 
 
+_STARTED = time.monotonic()
+
+
+def _mark(phase: str) -> None:
+    """Where the minutes go (shown with -s, or under a failure)."""
+    print(f"[two nodes] {phase}: {time.monotonic() - _STARTED:.0f} s", file=sys.stderr, flush=True)
+
+
 @pytest.fixture(scope="module")
 def nodes():
-    if not _namespaces_available():
+    if not can_make_namespaces():
         pytest.skip("needs root to make network and mount namespaces")
     root = Path(tempfile.mkdtemp(prefix="jbsn", dir="/var/tmp"))  # outside /tmp: each node mounts its own /tmp
     cluster = TwoNodes(root)
@@ -187,14 +185,20 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
     nodes.store(f"Store('s3://two-nodes/corpus').upload({str(tmp_path)!r}) or 0")
     bucket = "s3://two-nodes"
 
+    _mark("corpus uploaded")
+
     nodes.submit("jobs.build_vocab", "--input", f"{bucket}/corpus/", "--out", f"{bucket}/tokenizer",
                  "--vocab-size", "2000", "--no-progress")  # fmt: skip
     assert "tokenizer/vocab.txt" in nodes.store(f"Store('{bucket}').files('tokenizer')")
+
+    _mark("vocab done")
 
     nodes.submit("jobs.preprocess", "--input", f"{bucket}/corpus/", "--tokenizer", f"{bucket}/tokenizer",
                  "--out", f"{bucket}/shards", "--max-seq-len", "64", "--valid-fraction", "0.1", "--no-progress")
     manifest = nodes.store(f"Store('{bucket}/shards').read_json('manifest.json')")
     assert manifest["records_read"] == 3000 and manifest["sequences"] > 0
+
+    _mark("preprocess done")
 
     # Pretraining, one worker per node; the second node is lost after a checkpoint and comes back.
     submitted = nodes.submit(
@@ -209,15 +213,18 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
         time.sleep(0.5)
     hosts = {nodes.store(f"Store('{bucket}/run').read_json('workers/rank_{r}.json')")["host"] for r in (0, 1)}
     checkpointed = nodes.store(f"Store('{bucket}/run').read_json('progress.json')")["step"]
+    _mark("checkpoint seen")
     nodes.kill(WORKER)
-    time.sleep(5)
+    time.sleep(1)
     nodes.start_node(WORKER, f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}")
+    _mark("node B back")
     assert nodes.wait_job(job) == "succeeded"
     restarted = [nodes.store(f"Store('{bucket}/run').read_json('workers/rank_{r}.json')") for r in (0, 1)]
     assert all(40 > w["start_step"] >= checkpointed >= 10 for w in restarted), (restarted, checkpointed)
     rows = nodes.store(f"Store('{bucket}/run').read_text('metrics.csv')").splitlines()
     assert [int(float(r.split(",")[0])) for r in rows[1:]] == list(range(5, 45, 5))  # each step once
     assert hosts == {HEAD, WORKER}  # one worker per node (the restarted group may start before the node is back)
+    _mark("pretraining done")
 
     # Scoring, one actor per node; the second node is lost midway, then a --resume run finishes the job.
     score = ["jobs.score", "--input", f"{bucket}/corpus/", "--model", f"{bucket}/run/model", "--out",
@@ -226,11 +233,13 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
     deadline = time.time() + 300
     while len(nodes.store(f"Store('{bucket}/scores').files('parts')")) < 3 and time.time() < deadline:
         time.sleep(1)
+    _mark("parts seen")
     nodes.kill(WORKER)
     nodes.ray_cli("stop", job, timeout=120)
     nodes.wait_job(job)
     assert not nodes.store(f"Store('{bucket}/scores').exists('summary.json')")  # the fault hit mid-run
     nodes.start_node(WORKER, f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}")
+    _mark("node B back")
     nodes.submit(*score, "--resume")
     ids = json.loads(nodes.python_in_head(
         "import json, pyarrow.parquet as pq, pyarrow.fs as fs\n"
@@ -240,6 +249,7 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
         " for i in pq.read_table(f.path, filesystem=s3, columns=['id']).column('id').to_pylist()]\n"
         "print(json.dumps(ids))").strip().splitlines()[-1])  # fmt: skip
     assert len(ids) == len(set(ids)) == 3000  # every id exactly once
+    _mark("scoring resumed")
 
     # Serving: one replica per node (each takes a node's 2 CPUs), the model fetched from the store by each node.
     served = nodes.submit("jbert_ray.cli", "serve", "--model", f"{bucket}/run/model", "--host", HEAD_IP,
@@ -254,6 +264,7 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
         "    except requests.RequestException: pass\n"
         "    time.sleep(1)\n"
         "print(json.dumps([r.status_code, r.json()]))", timeout=300)  # fmt: skip
+    _mark("served")
     nodes.ray_cli("stop", nodes.job_id(served), timeout=120)
     status, body = json.loads(answer.strip().splitlines()[-1])
     assert status == 200 and json.dumps(body["predictions"]).count('"token"') >= 5, body
