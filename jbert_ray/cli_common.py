@@ -69,6 +69,8 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
         for handler in logging.getLogger("ray.data").handlers:
             if isinstance(handler, logging.StreamHandler):
                 handler.setLevel(logging.WARNING)
+        import ray.serve  # its import sets its logger to INFO: import it first, then quiet it
+
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application is ready"
         if not bars:
             from ray.util.debug import log_once
