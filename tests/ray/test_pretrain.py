@@ -15,7 +15,7 @@ import pytest
 
 from jbert_ray.cli import main
 from jbert_ray.train_state import read_metrics
-from tests.conftest import SAMPLE_PATH
+from tests.conftest import SAMPLE_PATH, can_make_namespaces
 
 pytestmark = pytest.mark.ray
 
@@ -121,6 +121,9 @@ def _registered_checkpoint(run_dir: Path) -> bool:
         return False
 
 
+# Where namespaces can be made (CI), tests/ray/test_two_nodes.py kills a whole node mid-run and checks the same:
+# restarted ranks start at the checkpoint, each step is logged once. This one covers machines without them.
+@pytest.mark.skipif(can_make_namespaces(), reason="test_two_nodes.py kills a node mid-run instead")
 def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_cluster, shards, tmp_path):
     out = tmp_path / "killed"
     argv = pretrain_argv(shards, out, "--max-steps", "40", "--checkpoint-every", "10", "--max-failures", "2")
@@ -155,7 +158,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(ray_c
 
 def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cluster, shards, tmp_path):
     out = tmp_path / "budget"
-    budget_s = 20
+    budget_s = 15
     started = time.perf_counter()
     assert main(pretrain_argv(shards, out, "--time-budget", str(budget_s / 60), "--warmup-steps", "-1")) == 0
     rows = read_metrics(out / "metrics.csv")
@@ -245,7 +248,7 @@ def test_init_from_a_model_with_another_vocab_is_refused(shards, tiny_model_dir,
     expect_user_error(capsys, argv, "differs from the tokenizer the shards were made with")
 
 
-def test_a_run_on_object_storage_alone_trains_resumes_and_continues_with_init_from(ray_cluster, shards, s3_bucket):
+def test_a_run_on_object_storage_alone_trains_and_continues_with_init_from(ray_cluster, shards, s3_bucket):
     """Shards, run dir and --init-from all on the local S3 server: nothing but the store connects the stages."""
     from jbert_ray.inference import MaskedLM
     from jbert_ray.storage import Store, local_copy
@@ -258,12 +261,8 @@ def test_a_run_on_object_storage_alone_trains_resumes_and_continues_with_init_fr
     assert {"model/model.safetensors", "model/vocab.txt", "metrics.csv", "curves.png", "results.json"} <= files
     assert any(name.startswith("checkpoints/checkpoint_") for name in files)
     assert any(name.startswith("tensorboard/") for name in files)
-    assert [r["step"] for r in metrics_rows(run)] == [5, 10, 15, 20]
-    assert main(pretrain_argv(data.location, run.location, "--max-steps", "30", "--checkpoint-every", "10")) == 0
     rows = metrics_rows(run)
-    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]  # resumed from the stored checkpoint
-    assert run.read_json("workers/rank_0.json")["start_step"] == 20
-    assert rows[4]["loss"] < rows[0]["loss"] - 0.5  # from scratch, step 25 would be near step 5's loss
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]  # resuming from the store: tests/ray/test_two_nodes.py
     second = Store(s3_bucket("second"))
     argv = pretrain_argv(data.location, second.location, "--init-from", run.child("model").location, "--max-steps", "5")
     assert main(argv) == 0
