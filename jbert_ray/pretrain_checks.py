@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyarrow.fs import FileType
-
 from jbert_ray.errors import UserError
 from jbert_ray.model import hf_config_dict
 from jbert_ray.shards import ShardInfo, file_sha256, inspect_shards
@@ -96,15 +94,8 @@ def check_resources(cfg: PretrainConfig, cluster: dict, node_cpus: float | None 
     return per_worker
 
 
-def check_output(run: Store) -> None:
-    """The run dir can be written (before Ray starts): a missing bucket or a read-only path is one error line."""
-    if run.exists() and run.kind() != FileType.Directory:
-        raise UserError(f"output {run} exists and is not a directory")
-    run.check_writable()
-
-
 def check_run_dir(run: Store, cfg: PretrainConfig, hf_config: dict) -> None:
-    """The run dir (checked writable by check_output) is empty or holds this same run (a re-run resumes it);
+    """The run dir (checked writable by storage.check_output) is empty or holds this same run (a re-run resumes it);
     record its settings."""
     identity = json.loads(
         json.dumps(

@@ -19,7 +19,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jbert_ray.corpus import CorpusFiles, corpus_format, read_corpus, resolve_paths
@@ -27,7 +26,7 @@ from jbert_ray.errors import UserError
 from jbert_ray.inference import LONG_TEXT_POLICIES, PLL_METHODS
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
-from jbert_ray.storage import Store, resolve_location
+from jbert_ray.storage import Store, check_output
 
 ERROR_TOO_LONG = "too_long"
 PARTS = "parts"  # the output's parquet parts: parts/part-00000.parquet, …
@@ -148,7 +147,9 @@ def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
 
     files = resolve_paths(config.input)
     model_dir = check_model_location(config.model_dir)
-    out = _prepare_output(Store(resolve_location(config.output_dir)), config.overwrite, config.resume)
+    out = check_output(config.output_dir, overwrite=config.overwrite, keep=config.resume)
+    if config.overwrite:
+        out.clear()
     return PreparedScoring(replace(config, model_dir=model_dir, output_dir=out.location), files, out)
 
 
@@ -191,24 +192,6 @@ def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
     summary["filtered"] = _write_filtered(out, config, summary, files) if _filtering(config) else None
     out.write_json("summary.json", summary)
     return summary
-
-
-def _prepare_output(out: Store, overwrite: bool, resume: bool) -> Store:
-    """Refuse a non-empty output unless --overwrite (cleared) or --resume (kept); check it takes writes."""
-    try:
-        kind = out.kind()
-        is_dir = kind == pafs.FileType.Directory
-        entries = out.filesystem.get_file_info(pafs.FileSelector(out.path)) if is_dir else []
-    except OSError:  # an unreachable store: check_writable says why, in one line
-        kind, entries = pafs.FileType.NotFound, []
-    if kind == pafs.FileType.File:
-        raise UserError(f"output {out} exists and is not a directory")
-    if entries and not resume:
-        if not overwrite:
-            raise UserError(f"output {out} is not empty: pass --overwrite to replace it")
-        out.filesystem.delete_dir_contents(out.path)
-    out.check_writable()
-    return out
 
 
 def _scorer_pool(config: ScoreConfig):

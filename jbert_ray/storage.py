@@ -184,6 +184,11 @@ class Store:
         pafs.copy_files(self.full(relative), str(local_dir),
                         source_filesystem=self.filesystem, destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
 
+    def clear(self) -> None:
+        """Delete everything in this directory (`--overwrite`); nothing if it is not there."""
+        if self.kind() == pafs.FileType.Directory:
+            self.filesystem.delete_dir_contents(self.path)
+
     # ---- checks before any work starts ----
 
     def check_writable(self) -> None:
@@ -204,6 +209,25 @@ class Store:
             raise UserError(f"cannot read {what} {self.location}: {first_line(error)}") from None
         if not found:
             raise UserError(f"{what} not found: {self.location}")
+
+
+def check_output(location: str | os.PathLike, *, overwrite: bool = False, keep: bool = False) -> Store:
+    """An output directory checked before any work starts: not a file; empty unless `overwrite` (the caller
+    replaces it) or `keep` (a resume continues it); writable. Each failure is one UserError line."""
+    out = Store(resolve_location(location))
+    try:
+        kind = out.kind()
+        has_entries = kind == pafs.FileType.Directory and bool(
+            out.filesystem.get_file_info(pafs.FileSelector(out.path))
+        )
+    except OSError:  # an unreachable store: check_writable says why, in one line
+        kind, has_entries = pafs.FileType.NotFound, False
+    if kind == pafs.FileType.File:
+        raise UserError(f"output {out} exists and is not a directory")
+    if has_entries and not (overwrite or keep):
+        raise UserError(f"output {out} is not empty: pass --overwrite to replace it")
+    out.check_writable()
+    return out
 
 
 def first_line(error: BaseException) -> str:

@@ -25,10 +25,10 @@ import torch
 from jbert_ray.errors import UserError
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import ARCHS, SparseMaskedLM, build_model
-from jbert_ray.pretrain_checks import check_batch, check_inputs, check_output, check_resources, check_run_dir
+from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources, check_run_dir
 from jbert_ray.progress import MetricsWatcher
 from jbert_ray.shards import ShardInfo
-from jbert_ray.storage import Store, local_copy, resolve_location
+from jbert_ray.storage import Store, check_output, local_copy, resolve_location
 from jbert_ray.train_state import MetricsLog, load_train_state, metrics_rows, plot_curves, save_train_state
 from jbert_ray.train_step import (
     all_reduce,
@@ -150,7 +150,7 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
         init_from=resolve_location(cfg.init_from) if cfg.init_from else None,
     )
     shards, hf_config = check_inputs(cfg)
-    check_output(Store(cfg.output_dir))
+    check_output(cfg.output_dir, keep=True)  # a re-run resumes: check_run_dir says whether it is the same run
     return PreparedPretraining(cfg, shards, hf_config)
 
 

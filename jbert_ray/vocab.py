@@ -16,14 +16,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from jbert_ray.corpus import CorpusFiles, RejectsWriter, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
-from jbert_ray.output_dir import prepare_output_dir
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool
-from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri
+from jbert_ray.storage import Store, check_output
 from jbert_ray.text import TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
 
@@ -79,31 +77,17 @@ class PreparedVocab(NamedTuple):
 
     config: VocabConfig
     files: CorpusFiles  # the corpus, listed once
-    output: Path | Store  # a local dir, created (and cleared with --overwrite); or a remote one, checked
+    output: Store  # checked; a local one is cleared now with --overwrite, a remote one on upload
 
 
 def prepare_vocab(config: VocabConfig) -> PreparedVocab:
     """The checks that need no cluster (the corpus exists, the output is writable and empty, or --overwrite): call
     before starting Ray."""
     files = resolve_paths(config.input)
-    if not is_uri(config.output_dir):
-        return PreparedVocab(config, files, prepare_output_dir(config.output_dir, overwrite=config.overwrite))
-    return PreparedVocab(config, files, check_remote_output(config.output_dir, overwrite=config.overwrite))
-
-
-def check_remote_output(uri: str, overwrite: bool = False) -> Store:
-    """The rules of prepare_output_dir for a URI: writable, and empty unless `overwrite` (cleared on upload)."""
-    store = Store(endpoint_uri(uri))
-    try:
-        kind, has_files = store.kind(), bool(store.files())
-    except OSError as error:
-        raise UserError(f"cannot read output {uri}: {first_line(error)}") from None
-    if kind == pafs.FileType.File:
-        raise UserError(f"output {uri} exists and is not a directory")
-    if has_files and not overwrite:
-        raise UserError(f"output {uri} is not empty: pass --overwrite to replace it")
-    store.check_writable()
-    return store
+    output = check_output(config.output_dir, overwrite=config.overwrite)
+    if config.overwrite and not output.is_remote:
+        output.clear()
+    return PreparedVocab(config, files, output)
 
 
 def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
@@ -114,11 +98,11 @@ def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
 
 
 @contextmanager
-def _work_dir(output: Path | Store) -> Iterator[Path]:
+def _work_dir(output: Store) -> Iterator[Path]:
     """Where the tokenizer is written: the output itself when local; else a temporary dir, uploaded (replacing
     what was there) when training has succeeded."""
-    if isinstance(output, Path):
-        yield output
+    if not output.is_remote:
+        yield Path(output.location)
         return
     with tempfile.TemporaryDirectory(prefix="jbert_vocab_") as tmp:
         yield Path(tmp)
