@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import re
 import sys
+import threading
 from collections.abc import Callable
+
+# A line of Ray's C++ logging (`[2026-11-30 12:47:31,066 E 26963 26963] core_worker.cc:2465: ...`), below FATAL.
+_RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] [\w./-]+:\d+: ")
+# Notices the raylet sends every driver that are about Ray's own processes, not about the job: the worker pool's
+# size (our stages start an actor pool, a trainer and Ray Data's coordinators: several processes per CPU by design;
+# it stays in raylet.out) and Serve's controller ending itself during `serve.shutdown()`.
+_RAY_NOTICES = ("worker processes have been started on node", "Task ServeController.graceful_shutdown failed")
 
 
 def add_command(
@@ -76,6 +86,55 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
             from ray.util.debug import log_once
 
             log_once("ray_data_progress_manager_disabled")
+        _hide_ray_notices()
+        _keep_native_ray_lines_in_logs()
+
+
+def _hide_ray_notices() -> None:
+    """Drop `_RAY_NOTICES` from what the raylet sends the driver; the same channel carries real errors, which
+    still print."""
+    from ray._private import worker
+
+    print_to_stdstream = getattr(worker, "print_to_stdstream", None)  # what Ray's error listener calls
+    if print_to_stdstream is None or getattr(print_to_stdstream, "jbert_filtered", False):
+        return
+
+    def without_notices(data: dict, ignore_prefix: bool) -> None:
+        if not all(any(notice in line for notice in _RAY_NOTICES) for line in data.get("lines", [""])):
+            print_to_stdstream(data, ignore_prefix)
+
+    without_notices.jbert_filtered = True
+    worker.print_to_stdstream = without_notices
+
+
+def _keep_native_ray_lines_in_logs() -> None:
+    """Ray's C++ core worker in this process writes its warnings and errors to stderr as well as to its log file
+    (python-core-driver-*.log), e.g. that Ray Data's actor pools keep constructor arguments in the object store.
+    Route the process's stderr through a filter that drops those lines; Python's own writes bypass it."""
+    if getattr(sys.stderr, "jbert_filtered", False):
+        return
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = os.fdopen(os.dup(real_stderr), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    sys.stderr.jbert_filtered = True
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as native_lines:
+            for line in native_lines:
+                if not _RAY_NATIVE_LOG_LINE.match(line):
+                    os.write(real_stderr, line)
+
+    forwarder = threading.Thread(target=forward, name="jbert-stderr-filter", daemon=True)
+    forwarder.start()
+
+    def restore() -> None:
+        os.dup2(real_stderr, 2)  # closes the pipe's write end: the forwarder reads to the end and stops
+        forwarder.join(timeout=1)
+
+    atexit.register(restore)
 
 
 def by_reason(counts: dict[str, int]) -> str:
