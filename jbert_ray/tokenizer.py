@@ -2,19 +2,22 @@
 
 The saved directory is laid out like the Tohoku Japanese BERT ones, so `transformers.AutoTokenizer` loads it as
 `BertJapaneseTokenizer`; our batch path gives the same ids, only faster: MeCab in wakati mode and a word → ids
-cache in front of WordPiece (most Japanese words are whole vocabulary entries, so a miss is rare); a batch's
-unseen words go to WordPiece in one call, and a text of one-piece words is looked up without a Python loop.
+cache in front of WordPiece (most Japanese words are whole vocabulary entries: they skip WordPiece altogether), a
+text of one-piece words looked up without a Python loop, and no garbage-collector passes over a batch's lists.
+Per-text Python work is what separates this path from bare MeCab, so the common case is kept inline.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -79,9 +82,7 @@ class JapaneseTokenizer:
         self.special_ids = frozenset(self.token_to_id[t] for t in SPECIAL_TOKENS)
         self._layout_ids = frozenset((self.pad_token_id, self.cls_token_id, self.sep_token_id))
         self._tagger = None  # built on first use, so the object pickles to Ray workers cheaply
-        self._wordpiece = None
-        self._word_ids: dict[str, int] = {}  # word → its id, or _SEVERAL_PIECES (ids in _multi_piece)
-        self._multi_piece: dict[str, list[int]] = {}
+        self._word_ids = _WordIds(self.token_to_id, do_lower_case)
 
     @property
     def vocab_size(self) -> int:
@@ -113,9 +114,7 @@ class JapaneseTokenizer:
             normalize_text=bool(mecab.get("normalize_text", True)),
             model_max_length=int(min(config.get("model_max_length", 512), 1 << 20)),
         )
-        build_tagger(
-            tokenizer.mecab_dic, tokenizer.mecab_option
-        )  # fail now, not in a worker, if no dictionary
+        tokenizer._parse("")  # builds the tagger: fail now, not in a worker, if the dictionary is missing
         return tokenizer
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -145,13 +144,11 @@ class JapaneseTokenizer:
 
     def words(self, text: str) -> list[str]:
         """MeCab words of one text (after NFKC), as BertJapaneseTokenizer's word tokenizer splits it."""
-        if self._tagger is None:
-            self._tagger = build_tagger(self.mecab_dic, self.mecab_option)
         text = replace_invalid_unicode(text)  # MeCab takes UTF-8, which a lone surrogate is not
         if self.normalize_text:
             text = normalize(text)
         # MeCab reads a C string: it would silently stop at NUL.
-        return self._tagger.parse(text.replace("\x00", " ")).split()
+        return self._parse(text.replace("\x00", " ")).split()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         """Token ids and word starts of one text."""
@@ -159,64 +156,54 @@ class JapaneseTokenizer:
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[Encoding]:
         """Encode many texts; ids equal `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`."""
-        chunked = [self._chunks(text) for text in texts]
-        self._learn_words(chunk for chunks in chunked for chunk in chunks if isinstance(chunk, list))
-        return [self._assemble(chunks, add_special_tokens) for chunks in chunked]
+        if len(self._word_ids) > _CACHE_LIMIT:
+            self._word_ids = _WordIds(self.token_to_id, self.do_lower_case)
+        # The garbage collector would scan the batch's lists again and again (1.3× the time); nothing here cycles.
+        with _garbage_collector_paused():
+            return [self._assemble(self._split(text), add_special_tokens) for text in texts]
 
-    def _chunks(self, text: str) -> list[int | list[str]]:
-        """A text as special-token ids and MeCab word lists; "[MASK]" written in the text is split out before
-        normalization, like transformers does."""
-        if "[" not in text:
-            return [self.words(text)] if text else []
-        chunks: list[int | list[str]] = []
-        for chunk in _SPECIAL_SPLIT.split(text):
-            if chunk in SPECIAL_TOKENS:
-                chunks.append(self.token_to_id[chunk])
-            elif chunk:
-                chunks.append(self.words(chunk))
-        return chunks
+    def _split(self, text: str) -> list[str] | tuple[int | list[str], ...]:
+        """A text's MeCab words; a text with a special token, NUL or a lone surrogate as a tuple of special-token
+        ids and word lists (the general path). "[MASK]" written in the text is split out before normalization,
+        like transformers does."""
+        if "[" not in text and "\x00" not in text:
+            try:  # the common case, inline: per-text Python work is what this tokenizer's speed is made of
+                return self._parse(
+                    unicodedata.normalize("NFKC", text) if self.normalize_text else text
+                ).split()
+            except UnicodeEncodeError:  # a lone surrogate: the general path replaces it
+                pass
+        return tuple(
+            self.token_to_id[chunk] if chunk in SPECIAL_TOKENS else self.words(chunk)
+            for chunk in _SPECIAL_SPLIT.split(text)
+            if chunk
+        )
 
-    def _learn_words(self, word_lists: Iterable[list[str]]) -> None:
-        """WordPiece for every word not yet cached, in one `tokenizers` call (set work runs in C, not per word)."""
-        batch = set(chain.from_iterable(word_lists))
-        unseen = batch.difference(self._word_ids)
-        if not unseen:
-            return
-        if len(self._word_ids) + len(unseen) > _CACHE_LIMIT:  # start afresh with just this batch's words
-            self._word_ids.clear()
-            self._multi_piece.clear()
-            unseen = batch
-        words = list(unseen)
-        encoding = self._wordpiece_tokenizer().encode(
-            [w.lower() for w in words] if self.do_lower_case else words, is_pretokenized=True,
-            add_special_tokens=False,
-        )  # fmt: skip
-        pieces: list[list[int]] = [[] for _ in words]
-        for piece_id, word_index in zip(encoding.ids, encoding.word_ids):
-            pieces[word_index].append(piece_id)
-        for word, ids in zip(words, pieces):
-            if len(ids) == 1:
-                self._word_ids[word] = ids[0]
-            else:
-                self._word_ids[word] = _SEVERAL_PIECES
-                self._multi_piece[word] = ids
+    def _parse(self, text: str) -> str:
+        if self._tagger is None:
+            self._tagger = build_tagger(self.mecab_dic, self.mecab_option)
+        return self._tagger.parse(text)
 
-    def _assemble(self, chunks: list[int | list[str]], add_special_tokens: bool) -> Encoding:
+    def _assemble(self, text: list[str] | tuple[int | list[str], ...], add_special_tokens: bool) -> Encoding:
+        if type(text) is list:  # words only: one id per word is the common case, looked up in C
+            ids = list(map(self._word_ids.__getitem__, text))  # a word not seen yet is looked up on the spot
+            if _SEVERAL_PIECES not in ids:
+                if add_special_tokens:
+                    ids.insert(0, self.cls_token_id)
+                    ids.append(self.sep_token_id)
+                return Encoding(ids, [True] * len(ids))
+            text = (text,)
         ids: list[int] = [self.cls_token_id] if add_special_tokens else []
         starts: list[bool] = [True] * len(ids)
-        for chunk in chunks:
+        for chunk in text:
             if isinstance(chunk, int):
                 ids.append(chunk)
                 starts.append(True)
                 continue
-            found = list(map(self._word_ids.__getitem__, chunk))  # one id per word: the common case, in C
-            if _SEVERAL_PIECES not in found:
-                ids.extend(found)
-                starts.extend([True] * len(found))
-                continue
+            found = list(map(self._word_ids.__getitem__, chunk))
             done = 0  # copy the one-piece runs between multi-piece words in slices
             while (at := _find(found, _SEVERAL_PIECES, done)) >= 0:
-                pieces = self._multi_piece[chunk[at]]
+                pieces = self._word_ids.multi_piece[chunk[at]]
                 ids.extend(found[done:at])
                 ids.extend(pieces)
                 starts.extend([True] * (at - done + 1))
@@ -237,19 +224,55 @@ class JapaneseTokenizer:
         tokens = [self.vocab[i] for i in ids if not (skip_special_tokens and i in self._layout_ids)]
         return "".join(t.removeprefix("##") for t in tokens)
 
-    def _wordpiece_tokenizer(self):
+    def __getstate__(self) -> dict:
+        # The MeCab tagger cannot be pickled and the word cache can be large: workers rebuild both.
+        return {**self.__dict__, "_tagger": None, "_word_ids": _WordIds(self.token_to_id, self.do_lower_case)}
+
+
+class _WordIds(dict):
+    """word → its id, or _SEVERAL_PIECES with its ids in `multi_piece`. A word not seen yet is looked up when it is
+    first asked for (`__missing__`), so every later lookup is one C-level dict access and nothing else."""
+
+    def __init__(self, vocabulary: dict[str, int], lower: bool):
+        super().__init__()
+        self.vocabulary, self.lower = vocabulary, lower
+        self.multi_piece: dict[str, list[int]] = {}
+        self._wordpiece = None
+
+    def __missing__(self, word: str) -> int:
+        key = word.lower() if self.lower else word
+        # A whole vocabulary entry is its own id (WordPiece's longest match starts with the whole word): most
+        # words never need the WordPiece model.
+        piece_id = self.vocabulary.get(key) if len(key) <= MAX_WORD_CHARS else None
+        if piece_id is None:
+            ids = [piece.id for piece in self._wordpiece_model().tokenize(key)]
+            piece_id = ids[0] if len(ids) == 1 else _SEVERAL_PIECES
+            if len(ids) > 1:
+                self.multi_piece[word] = ids
+        self[word] = piece_id
+        return piece_id
+
+    def _wordpiece_model(self):
+        """The `tokenizers` WordPiece model, built on first use (a 32k-entry map into Rust takes ~9 ms)."""
         if self._wordpiece is None:
-            from tokenizers import Tokenizer
             from tokenizers.models import WordPiece
 
-            self._wordpiece = Tokenizer(
-                WordPiece(self.token_to_id, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS)
+            self._wordpiece = WordPiece(
+                self.vocabulary, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS
             )
         return self._wordpiece
 
-    def __getstate__(self) -> dict:
-        # The MeCab tagger cannot be pickled and the cache can be large: workers rebuild both.
-        return {**self.__dict__, "_tagger": None, "_wordpiece": None, "_word_ids": {}, "_multi_piece": {}}
+
+@contextmanager
+def _garbage_collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block, then back on if it was on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _find(values: list[int], value: int, start: int) -> int:
@@ -313,11 +336,15 @@ def train_vocab(
     )
 
 
-def train_vocab_on_texts(texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()) -> JapaneseTokenizer:
+def train_vocab_on_texts(
+    texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()
+) -> JapaneseTokenizer:
     """`train_vocab` on the MeCab words of `texts`, counted in this process: for small corpora, tests and
     benchmarks (`jbert vocab` counts across the cluster)."""
     tagger = build_tagger(config.mecab_dic)
-    return train_vocab(Counter(word for text in texts for word in tagger.parse(normalize(text)).split()), config)
+    return train_vocab(
+        Counter(word for text in texts for word in tagger.parse(normalize(text)).split()), config
+    )
 
 
 def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096) -> Iterator[str]:
