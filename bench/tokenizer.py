@@ -36,9 +36,7 @@ CHARS = 1_040_000
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-dir", type=Path, default=CORPUS, help="folder with ja_train.jsonl.gz")
     parser.add_argument("--rounds", type=int, default=5, help="cold passes per tokenizer (best is kept)")
     parser.add_argument("--quick", action="store_true", help="vocab scaling on train ×1 instead of ×4")
@@ -54,10 +52,7 @@ def main() -> None:
     chars = sum(map(len, texts))
     rate = {name: chars / seconds for name, seconds in speeds["seconds"].items()}
     bjt, floor = rate["BertJapaneseTokenizer, cold"], rate["floor: NFKC + MeCab parse, cold"]
-    rows = [
-        [name, f"{value / 1e6:.2f}", f"{value / bjt:.2f}×", f"{value / floor:.2f}"]
-        for name, value in rate.items()
-    ]
+    rows = [[name, f"{value / 1e6:.2f}", f"{value / bjt:.2f}×", f"{value / floor:.2f}"] for name, value in rate.items()]
     notes = [
         (f"{len(texts):,} texts, {chars:,} characters (the end of ja_train), one core, best of {args.rounds} "
          f"rounds. Targets: ours cold ≥ 4× BertJapaneseTokenizer and ≥ 0.7 of the floor. Ids identical to "
@@ -99,21 +94,14 @@ def tokenizer_speeds(tokenizer_dir: Path, texts: list[str], rounds: int) -> dict
     def theirs():
         return AutoTokenizer.from_pretrained(tokenizer_dir)(texts)["input_ids"]
 
-    cold = {
-        "ours, cold": ours,
-        "BertJapaneseTokenizer, cold": theirs,
-        "floor: NFKC + MeCab parse, cold": floor,
-    }
+    cold = {"ours, cold": ours, "BertJapaneseTokenizer, cold": theirs, "floor: NFKC + MeCab parse, cold": floor}
     best = dict.fromkeys(cold, float("inf"))
     for _ in range(rounds):  # interleaved, so load from elsewhere hits all three alike
         for name, run in cold.items():
             started = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - started)
-    tokenizer, reference = (
-        JapaneseTokenizer.from_pretrained(tokenizer_dir),
-        AutoTokenizer.from_pretrained(tokenizer_dir),
-    )
+    tokenizer, reference = JapaneseTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
     encodings, reference_ids = tokenizer.encode_batch(texts), reference(texts)["input_ids"]
     warm = {"ours, warm (same texts again)": lambda: tokenizer.encode_batch(texts),
             "BertJapaneseTokenizer, warm": lambda: reference(texts)}  # fmt: skip
@@ -138,23 +126,8 @@ def vocab_scaling(train_path: Path, work: Path, times: int) -> dict:
         # Pin the whole run (driver, raylet, workers) to real cores: Ray's --num-cpus alone only limits its
         # scheduling, and the driver and read tasks would still spread over every core of the machine.
         cores = ",".join(str(core) for core in range(cpus))
-        command = [
-            "taskset",
-            "-c",
-            cores,
-            sys.executable,
-            "-m",
-            "jobs.build_vocab",
-            "--input",
-            str(corpus),
-            "--out",
-            str(out),
-            "--vocab-size",
-            "32768",
-            "--num-cpus",
-            str(cpus),
-            "--no-progress",
-        ]
+        command = ["taskset", "-c", cores, sys.executable, "-m", "jobs.build_vocab", "--input", str(corpus),
+                   "--out", str(out), "--vocab-size", "32768", "--num-cpus", str(cpus), "--no-progress"]
         subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
         summary = json.loads((out / "vocab_summary.json").read_text())
         results[cpus] = summary

@@ -168,9 +168,7 @@ class JapaneseTokenizer:
         like transformers does."""
         if "[" not in text and "\x00" not in text:
             try:  # the common case, inline: per-text Python work is what this tokenizer's speed is made of
-                return self._parse(
-                    unicodedata.normalize("NFKC", text) if self.normalize_text else text
-                ).split()
+                return self._parse(unicodedata.normalize("NFKC", text) if self.normalize_text else text).split()
             except UnicodeEncodeError:  # a lone surrogate: the general path replaces it
                 pass
         return tuple(
@@ -257,9 +255,7 @@ class _WordIds(dict):
         if self._wordpiece is None:
             from tokenizers.models import WordPiece
 
-            self._wordpiece = WordPiece(
-                self.vocabulary, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS
-            )
+            self._wordpiece = WordPiece(self.vocabulary, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS)
         return self._wordpiece
 
 
@@ -336,15 +332,11 @@ def train_vocab(
     )
 
 
-def train_vocab_on_texts(
-    texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()
-) -> JapaneseTokenizer:
+def train_vocab_on_texts(texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()) -> JapaneseTokenizer:
     """`train_vocab` on the MeCab words of `texts`, counted in this process: for small corpora, tests and
     benchmarks (`jbert vocab` counts across the cluster)."""
     tagger = build_tagger(config.mecab_dic)
-    return train_vocab(
-        Counter(word for text in texts for word in tagger.parse(normalize(text)).split()), config
-    )
+    return train_vocab(Counter(word for text in texts for word in tagger.parse(normalize(text)).split()), config)
 
 
 def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096) -> Iterator[str]:
