@@ -64,6 +64,9 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
 
     if not verbose:  # ray.init's notice that a local cluster has token authentication on (its secure default)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Before ray.init: connecting already logs (e.g. "Failed to determine local IP via external connectivity"
+        # on a host without a route outside). Registered before Ray's own exit hook, so it runs after Ray's shutdown.
+        _keep_native_ray_lines_in_logs()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=verbose)
@@ -87,7 +90,6 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
 
             log_once("ray_data_progress_manager_disabled")
         _hide_ray_notices()
-        _keep_native_ray_lines_in_logs()
 
 
 def _hide_ray_notices() -> None:
@@ -110,8 +112,9 @@ def _hide_ray_notices() -> None:
 def _keep_native_ray_lines_in_logs() -> None:
     """Ray's C++ core worker in this process writes its warnings and errors to stderr as well as to its log file
     (python-core-driver-*.log), e.g. that Ray Data's actor pools keep constructor arguments in the object store.
-    Route the process's stderr through a filter that drops those lines; Python's own writes bypass it."""
-    if getattr(sys.stderr, "jbert_filtered", False):
+    Route the process's stderr through a filter that drops those lines; Python's own writes bypass it. Only where
+    stderr is still the process's own (not under pytest's capture, which `jbert` commands run in-process meet)."""
+    if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
         return
     sys.stderr.flush()
     real_stderr = os.dup(2)
@@ -119,7 +122,6 @@ def _keep_native_ray_lines_in_logs() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     sys.stderr = os.fdopen(os.dup(real_stderr), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
-    sys.stderr.jbert_filtered = True
 
     def forward() -> None:
         with os.fdopen(read_end, "rb") as native_lines:
