@@ -95,24 +95,24 @@ def tokenizer_speeds(tokenizer_dir: Path, texts: list[str], rounds: int) -> dict
         return AutoTokenizer.from_pretrained(tokenizer_dir)(texts)["input_ids"]
 
     cold = {"ours, cold": ours, "BertJapaneseTokenizer, cold": theirs, "floor: NFKC + MeCab parse, cold": floor}
-    best = dict.fromkeys(cold, float("inf"))
-    for _ in range(rounds):  # interleaved, so load from elsewhere hits all three alike
-        for name, run in cold.items():
-            started = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - started)
+    best = best_seconds(cold, rounds)
     tokenizer, reference = JapaneseTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
     encodings, reference_ids = tokenizer.encode_batch(texts), reference(texts)["input_ids"]
-    warm = {"ours, warm (same texts again)": lambda: tokenizer.encode_batch(texts),
-            "BertJapaneseTokenizer, warm": lambda: reference(texts)}  # fmt: skip
-    best.update(dict.fromkeys(warm, float("inf")))
+    best |= best_seconds({"ours, warm (same texts again)": lambda: tokenizer.encode_batch(texts),
+                          "BertJapaneseTokenizer, warm": lambda: reference(texts)}, rounds)  # fmt: skip
+    identical = sum(e.ids == ids for e, ids in zip(encodings, reference_ids))
+    return {"seconds": best, "identical": identical}
+
+
+def best_seconds(runs: dict, rounds: int) -> dict[str, float]:
+    """Each run's best wall time over `rounds`, the runs interleaved so load from elsewhere hits all alike."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
-        for name, run in warm.items():
+        for name, run in runs.items():
             started = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - started)
-    identical = sum(e.ids == ids for e, ids in zip(encodings, reference_ids))
-    return {"seconds": best, "identical": identical}
+    return best
 
 
 def vocab_scaling(train_path: Path, work: Path, times: int) -> dict:
