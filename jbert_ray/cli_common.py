@@ -94,26 +94,44 @@ def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: b
 
 def _hide_ray_notices() -> None:
     """Drop `_RAY_NOTICES` from what the raylet sends the driver; the same channel carries real errors, which
-    still print."""
+    still print. Ray has no logging setting for these: the worker-pool warning is a raylet error report keyed
+    only to the startup concurrency (a scheduling knob), and Serve's notice is a task failure."""
     from ray._private import worker
 
     print_to_stdstream = getattr(worker, "print_to_stdstream", None)  # what Ray's error listener calls
     if print_to_stdstream is None or getattr(print_to_stdstream, "jbert_filtered", False):
         return
 
-    def without_notices(data: dict, ignore_prefix: bool) -> None:
-        if not all(any(notice in line for notice in _RAY_NOTICES) for line in data.get("lines", [""])):
-            print_to_stdstream(data, ignore_prefix)
+    def without_notices(*args, **kwargs) -> None:  # any signature: a Ray upgrade must not break its errors
+        data = args[0] if args else kwargs.get("data")
+        if not _is_only_notices(data):
+            print_to_stdstream(*args, **kwargs)
 
     without_notices.jbert_filtered = True
     worker.print_to_stdstream = without_notices
 
 
+def _is_only_notices(data: object) -> bool:
+    """Whether `data` is Ray's `{"lines": [...], ...}` holding only `_RAY_NOTICES`; any other shape prints."""
+    lines = data.get("lines") if isinstance(data, dict) else None
+    return (
+        isinstance(lines, list)
+        and len(lines) > 0
+        and all(isinstance(line, str) and any(notice in line for notice in _RAY_NOTICES) for line in lines)
+    )
+
+
 def _keep_native_ray_lines_in_logs() -> None:
-    """Ray's C++ core worker in this process writes its warnings and errors to stderr as well as to its log file
-    (python-core-driver-*.log), e.g. that Ray Data's actor pools keep constructor arguments in the object store.
-    Route the process's stderr through a filter that drops those lines; Python's own writes bypass it. Only where
-    stderr is still the process's own (not under pytest's capture, which `jbert` commands run in-process meet)."""
+    """Ray's C++ core worker in this process writes its errors to stderr as well as to its log file
+    (python-core-driver-*.log), e.g. that Ray Data's actor pools keep constructor arguments in the object
+    store, and what it logs before that file is open to stderr alone (no route out to find the node's IP by:
+    Ray's other processes log that to their files). Route the process's stderr through a filter that drops
+    those lines; Python's own writes bypass it. Only where stderr is still the process's own (not under
+    pytest's capture, which `jbert` commands run in-process meet).
+
+    Ray has no setting for this: RAY_BACKEND_LOG_LEVEL is one threshold for the log files and stderr alike,
+    and the raylet and GCS a local Ray starts inherit it (`fatal` left all their log files empty);
+    ray.LoggingConfig configures Python's loggers only."""
     if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
         return
     sys.stderr.flush()
@@ -122,14 +140,12 @@ def _keep_native_ray_lines_in_logs() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     sys.stderr = os.fdopen(os.dup(real_stderr), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as native_lines:
-            for line in native_lines:
-                if not _RAY_NATIVE_LOG_LINE.match(line):
-                    os.write(real_stderr, line)
-
-    forwarder = threading.Thread(target=forward, name="jbert-stderr-filter", daemon=True)
+    forwarder = threading.Thread(
+        target=_forward_without_ray_lines,
+        args=(read_end, real_stderr),
+        name="jbert-stderr-filter",
+        daemon=True,
+    )
     forwarder.start()
 
     def restore() -> None:
@@ -137,6 +153,24 @@ def _keep_native_ray_lines_in_logs() -> None:
         forwarder.join(timeout=1)
 
     atexit.register(restore)
+
+
+def _forward_without_ray_lines(read_fd: int, write_fd: int) -> None:
+    """Copy lines from `read_fd` to `write_fd` less Ray's native log lines, until all writers close `read_fd`.
+
+    Reads to the end whatever `write_fd` does: a filter that stopped would block every native writer in the
+    process once the pipe is full (64 KiB), or fail their writes once its end is closed. A line that cannot be
+    written (EPIPE once the reader of our stderr has gone, EIO after a terminal hangup) is dropped, as a gone
+    terminal would drop it; the next one is tried."""
+    with os.fdopen(read_fd, "rb") as lines:
+        for line in lines:
+            if _RAY_NATIVE_LOG_LINE.match(line):
+                continue
+            try:
+                while line:  # os.write may write part of a line
+                    line = line[os.write(write_fd, line) :]
+            except OSError:
+                pass
 
 
 def by_reason(counts: dict[str, int]) -> str:
