@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,6 +32,18 @@ _CACHE_LIMIT = 1_000_000  # words; bounds memory on corpora with endless unique 
 _SEVERAL_PIECES = -1  # in the word cache: the word's ids are in the multi-piece cache
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 _DICTIONARY_PACKAGES = {"unidic_lite": "unidic-lite", "unidic": "unidic", "ipadic": "ipadic"}
+# A tokenizer dir's mecab_option goes to MeCab, whose -d, -r, -u (and -o, ...) read or write any file. Only
+# these pass unless the user trusts the dir (option → takes a value): none touches a file or changes the shape
+# of the wakati output (-a, -N and the format options do; -p crashes MeCab).
+_SAFE_MECAB_OPTIONS = {
+    **dict.fromkeys(("-M", "--max-grouping-size", "-t", "--theta", "-c", "--cost-factor"), True),
+    **dict.fromkeys(("-x", "--unk-feature", "-b", "--input-buffer-size"), True),
+    **dict.fromkeys(("-C", "--allocate-sentence", "-m", "--marginal"), False),
+}
+# An environment variable, not a flag: every process that loads a tokenizer (preprocess actors, train workers,
+# score actors, Serve replicas) must see it. A local Ray's workers inherit the driver's environment at
+# ray.init; on a running cluster it goes in the job's runtime_env env_vars.
+ALLOW_MECAB_OPTION_ENV = "JBERT_ALLOW_MECAB_OPTION"
 
 
 @dataclass(frozen=True)
@@ -283,6 +296,15 @@ def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):
     """A wakati (space-separated words) MeCab tagger with the same dictionary options as transformers."""
     import fugashi
 
+    refused = _refused_mecab_option(mecab_option)
+    if refused is not None and os.environ.get(ALLOW_MECAB_OPTION_ENV) != "1":
+        runtime_env = json.dumps({"env_vars": {ALLOW_MECAB_OPTION_ENV: "1"}})
+        raise UserError(
+            f"MeCab option {refused!r} (mecab_kwargs.mecab_option in tokenizer_config.json) is refused: it "
+            f"could read or write files or break word splitting; allowed: {' '.join(_SAFE_MECAB_OPTIONS)}. "
+            f"If you trust the directory, set {ALLOW_MECAB_OPTION_ENV}=1 for every process that loads it "
+            f"(a cluster job: ray job submit --runtime-env-json '{runtime_env}')"
+        )
     if mecab_dic not in _DICTIONARY_PACKAGES:
         raise UserError(f"unknown MeCab dictionary {mecab_dic!r}; use one of {sorted(_DICTIONARY_PACKAGES)}")
     try:
@@ -345,6 +367,29 @@ def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096
         word = word.lower() if lower else word
         for start in range(0, count, chunk):
             yield " ".join([word] * min(chunk, count - start))
+
+
+def _refused_mecab_option(mecab_option: str) -> str | None:
+    """The first word of `mecab_option` outside _SAFE_MECAB_OPTIONS, or None. Read as MeCab reads it: fugashi
+    splits with shlex, and an option's value is attached (`-t0.5`, `--theta=0.5`) or the next word."""
+    try:
+        words = shlex.split(mecab_option)
+    except ValueError:  # unbalanced quotes
+        return mecab_option
+    value_next = False
+    for word in words:
+        if value_next:
+            value_next = False
+            continue
+        if word.startswith("--"):
+            name, attached = word.split("=")[0], "=" in word
+        else:
+            name, attached = word[:2], len(word) > 2
+        takes_value = _SAFE_MECAB_OPTIONS.get(name)
+        if takes_value is None or (attached and not takes_value):  # also `--` (ends MeCab's options), paths
+            return word
+        value_next = takes_value and not attached
+    return None
 
 
 def _read_vocab(path: Path) -> list[str]:

@@ -4,6 +4,7 @@ Word splits below hold for unidic-lite 1.0.8 (MeCab via fugashi 1.5)."""
 
 import json
 import pickle
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,27 @@ from transformers import AutoTokenizer
 from jbert_ray.errors import UserError
 from jbert_ray.text import normalize
 from jbert_ray.tokenizer import SPECIAL_TOKENS, JapaneseTokenizer, TokenizerConfig, train_vocab
+
+# cl-tohoku/bert-base-japanese-v2's tokenizer_config.json: no mecab_option.
+TOHOKU_CONFIG = {"tokenizer_class": "BertJapaneseTokenizer", "model_max_length": 512, "do_lower_case": False,
+                 "word_tokenizer_type": "mecab", "subword_tokenizer_type": "wordpiece",
+                 "mecab_kwargs": {"mecab_dic": "unidic_lite"}}
+
+REFUSED_MECAB_OPTIONS = [  # (a tokenizer dir's mecab_option, the word the error names)
+    ("-d /tmp/x", "-d"),
+    ("-r /etc/passwd", "-r"),
+    ("--rcfile=/etc/passwd", "--rcfile=/etc/passwd"),
+    ("-u/etc/passwd", "-u/etc/passwd"),
+    ("-t 0.5 --userdic /etc/passwd", "--userdic"),
+    ("-o /tmp/mecab_output", "-o"),  # writes a file
+    ("-- -d /tmp/x", "--"),  # ends MeCab's options: our -Owakati would be ignored
+    ('-x "a -d /tmp/x', '-x "a -d /tmp/x'),  # unbalanced quote
+]
+SAFE_MECAB_OPTIONS = ["-M 5", "-t0.5 --cost-factor=800 -C", "-x 名詞 -m -b 100000"]
+USER_DICTIONARY_CSV = (  # one UniDic entry: 東京都庁前 as a single word
+    "東京都庁前,,,1,名詞,固有名詞,地名,一般,*,*,トウキョウトチョウマエ,東京都庁前,東京都庁前,"
+    "トーキョートチョーマエ,東京都庁前,トーキョートチョーマエ,固,*,*,*,*\n"
+)
 
 WORD_CASES = [
     ("東京は日本の首都です。", ["東京", "は", "日本", "の", "首都", "です", "。"]),
@@ -42,6 +64,15 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="module")
 def reference(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def tohoku_dir(tokenizer_dir, path, **mecab_kwargs):
+    """A Tohoku-style directory with our vocabulary and `mecab_kwargs` added to Tohoku's."""
+    path.mkdir(exist_ok=True)
+    (path / "vocab.txt").write_text((tokenizer_dir / "vocab.txt").read_text())
+    config = {**TOHOKU_CONFIG, "mecab_kwargs": {**TOHOKU_CONFIG["mecab_kwargs"], **mecab_kwargs}}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
 
 
 @pytest.mark.parametrize("text, words", WORD_CASES)
@@ -170,6 +201,40 @@ def test_tohoku_v3_directory_without_unidic_names_the_missing_package(tokenizer_
             JapaneseTokenizer.from_pretrained(tmp_path)
     else:
         assert JapaneseTokenizer.from_pretrained(tmp_path).mecab_dic == "unidic"
+
+
+@pytest.mark.parametrize("option, refused", REFUSED_MECAB_OPTIONS)
+def test_mecab_option_outside_the_safe_list_is_refused(tokenizer_dir, tmp_path, option, refused):
+    path = tohoku_dir(tokenizer_dir, tmp_path, mecab_option=option)
+    message = f"MeCab option {re.escape(repr(refused))} .* JBERT_ALLOW_MECAB_OPTION=1"
+    with pytest.raises(UserError, match=message) as error:
+        JapaneseTokenizer.from_pretrained(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("option", [None, *SAFE_MECAB_OPTIONS])
+def test_tohoku_dir_with_safe_mecab_options_loads_with_transformers_ids(tokenizer_dir, tmp_path, option):
+    # A guard, not new behaviour: Tohoku's own dirs (no mecab_option) load as before.
+    path = tohoku_dir(tokenizer_dir, tmp_path, **({"mecab_option": option} if option else {}))
+    text = "ｸﾞｸﾞｯﾎﾟｲﾎﾟｲ謎語彙は東京にある。"  # unknown words: -M changes how they group
+    ours = JapaneseTokenizer.from_pretrained(path).encode(text).ids
+    assert ours == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+
+
+def test_refused_mecab_option_passes_when_the_user_allows_it(tokenizer_dir, tmp_path, monkeypatch):
+    import fugashi
+    import unidic_lite
+
+    # A user dictionary (-u) is the usual reason to trust a directory's options.
+    (csv := tmp_path / "user.csv").write_text(USER_DICTIONARY_CSV)
+    user_dic = tmp_path / "user.dic"
+    # The first word stands for the program's name (argv[0]).
+    fugashi.build_dictionary(f'mecab-dict-index -d "{unidic_lite.DICDIR}" -u "{user_dic}" -f utf8 -t utf8 "{csv}"')
+    path = tohoku_dir(tokenizer_dir, tmp_path / "tokenizer", mecab_option=f'-u "{user_dic}"')
+    with pytest.raises(UserError, match="MeCab option '-u'"):
+        JapaneseTokenizer.from_pretrained(path)
+    monkeypatch.setenv("JBERT_ALLOW_MECAB_OPTION", "1")
+    assert JapaneseTokenizer.from_pretrained(path).words("東京都庁前に行く") == ["東京都庁前", "に", "行く"]
 
 
 def test_character_tokenizer_directories_are_refused(tokenizer_dir, tmp_path):
