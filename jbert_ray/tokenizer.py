@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -128,6 +129,8 @@ class JapaneseTokenizer:
             model_max_length=int(min(config.get("model_max_length", 512), 1 << 20)),
         )
         tokenizer._parse("")  # builds the tagger: fail now, not in a worker, if the dictionary is missing
+        if "mecab_dictionary" in config:  # older dirs and Tohoku's have no record: they load as before
+            _check_dictionary(path, config["mecab_dictionary"], installed_dictionary(tokenizer.mecab_dic))
         return tokenizer
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -147,6 +150,8 @@ class JapaneseTokenizer:
             "word_tokenizer_type": "mecab",
             "subword_tokenizer_type": "wordpiece",
             "mecab_kwargs": mecab_kwargs,
+            # Word splits, hence ids, change with the dictionary: from_pretrained refuses another one.
+            "mecab_dictionary": installed_dictionary(self.mecab_dic),
             "model_max_length": self.model_max_length,
             **special,
         }
@@ -305,16 +310,7 @@ def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):
             f"If you trust the directory, set {ALLOW_MECAB_OPTION_ENV}=1 for every process that loads it "
             f"(a cluster job: ray job submit --runtime-env-json '{runtime_env}')"
         )
-    if mecab_dic not in _DICTIONARY_PACKAGES:
-        raise UserError(f"unknown MeCab dictionary {mecab_dic!r}; use one of {sorted(_DICTIONARY_PACKAGES)}")
-    try:
-        module = __import__(mecab_dic)
-    except ImportError:
-        raise UserError(
-            f"MeCab dictionary {mecab_dic!r} is not installed: pip install {_DICTIONARY_PACKAGES[mecab_dic]}"
-            + (" && python -m unidic download" if mecab_dic == "unidic" else "")
-        ) from None
-    dic_dir = module.DICDIR
+    dic_dir = _import_dictionary(mecab_dic).DICDIR
     mecabrc = os.path.join(dic_dir, "mecabrc")
     if not os.path.isfile(mecabrc):
         raise UserError(
@@ -322,6 +318,17 @@ def build_tagger(mecab_dic: str = "unidic_lite", mecab_option: str = ""):
             + (": run `python -m unidic download`" if mecab_dic == "unidic" else "")
         )
     return fugashi.GenericTagger(f'-d "{dic_dir}" -r "{mecabrc}" {mecab_option} -Owakati')
+
+
+def installed_dictionary(mecab_dic: str) -> dict[str, str]:
+    """Name, version and pip package of the installed MeCab dictionary, as tokenizer_config.json records it.
+    The version is the dictionary's own (`unidic_lite.VERSION`, read from its dicdir/version: 2.1.2 in
+    unidic-lite 1.0.8): that, not the package's version, decides the word splits."""
+    from importlib.metadata import version
+
+    package = _DICTIONARY_PACKAGES[mecab_dic]
+    dictionary_version = _import_dictionary(mecab_dic).VERSION
+    return {"name": mecab_dic, "version": dictionary_version, "package": f"{package}=={version(package)}"}
 
 
 def train_vocab(
@@ -367,6 +374,31 @@ def _repeat_words(word_counts: Mapping[str, int], lower: bool, chunk: int = 4096
         word = word.lower() if lower else word
         for start in range(0, count, chunk):
             yield " ".join([word] * min(chunk, count - start))
+
+
+def _import_dictionary(mecab_dic: str):
+    """The dictionary's Python package (unidic_lite, unidic or ipadic: each has DICDIR and VERSION)."""
+    if mecab_dic not in _DICTIONARY_PACKAGES:
+        raise UserError(f"unknown MeCab dictionary {mecab_dic!r}; use one of {sorted(_DICTIONARY_PACKAGES)}")
+    try:
+        return __import__(mecab_dic)
+    except ImportError:
+        raise UserError(
+            f"MeCab dictionary {mecab_dic!r} is not installed: pip install {_DICTIONARY_PACKAGES[mecab_dic]}"
+            + (" && python -m unidic download" if mecab_dic == "unidic" else "")
+        ) from None
+
+
+def _check_dictionary(path: Path, recorded: object, installed: dict[str, str]) -> None:
+    """Refuse a tokenizer dir whose recorded MeCab dictionary is not the one installed on this node."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if (recorded.get("name"), recorded.get("version")) != (installed["name"], installed["version"]):
+        raise UserError(
+            f"{path} was made with MeCab dictionary {recorded.get('name')} {recorded.get('version')} "
+            f"({recorded.get('package')}), but this node ({socket.gethostname()}) has {installed['name']} "
+            f"{installed['version']} ({installed['package']}): install the recorded one here or rebuild the "
+            "tokenizer with `jbert vocab`"
+        )
 
 
 def _refused_mecab_option(mecab_option: str) -> str | None:

@@ -5,6 +5,7 @@ Word splits below hold for unidic-lite 1.0.8 (MeCab via fugashi 1.5)."""
 import json
 import pickle
 import re
+from importlib.metadata import version
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +16,7 @@ from jbert_ray.errors import UserError
 from jbert_ray.text import normalize
 from jbert_ray.tokenizer import SPECIAL_TOKENS, JapaneseTokenizer, TokenizerConfig, train_vocab
 
-# cl-tohoku/bert-base-japanese-v2's tokenizer_config.json: no mecab_option.
+# cl-tohoku/bert-base-japanese-v2's tokenizer_config.json: no dictionary record, no mecab_option.
 TOHOKU_CONFIG = {"tokenizer_class": "BertJapaneseTokenizer", "model_max_length": 512, "do_lower_case": False,
                  "word_tokenizer_type": "mecab", "subword_tokenizer_type": "wordpiece",
                  "mecab_kwargs": {"mecab_dic": "unidic_lite"}}
@@ -214,7 +215,7 @@ def test_mecab_option_outside_the_safe_list_is_refused(tokenizer_dir, tmp_path, 
 
 @pytest.mark.parametrize("option", [None, *SAFE_MECAB_OPTIONS])
 def test_tohoku_dir_with_safe_mecab_options_loads_with_transformers_ids(tokenizer_dir, tmp_path, option):
-    # A guard, not new behaviour: Tohoku's own dirs (no mecab_option) load as before.
+    # A guard, not new behaviour: Tohoku's own dirs (no mecab_option, no dictionary record) load as before.
     path = tohoku_dir(tokenizer_dir, tmp_path, **({"mecab_option": option} if option else {}))
     text = "ｸﾞｸﾞｯﾎﾟｲﾎﾟｲ謎語彙は東京にある。"  # unknown words: -M changes how they group
     ours = JapaneseTokenizer.from_pretrained(path).encode(text).ids
@@ -235,6 +236,27 @@ def test_refused_mecab_option_passes_when_the_user_allows_it(tokenizer_dir, tmp_
         JapaneseTokenizer.from_pretrained(path)
     monkeypatch.setenv("JBERT_ALLOW_MECAB_OPTION", "1")
     assert JapaneseTokenizer.from_pretrained(path).words("東京都庁前に行く") == ["東京都庁前", "に", "行く"]
+
+
+def test_saved_directory_records_the_mecab_dictionary_version(tokenizer_dir):
+    import unidic_lite
+
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    package = f"unidic-lite=={version('unidic-lite')}"
+    assert config["mecab_dictionary"] == {"name": "unidic_lite", "version": unidic_lite.VERSION, "package": package}
+
+
+def test_directory_made_with_another_dictionary_version_is_refused(tokenizer_dir, tmp_path):
+    import unidic_lite
+
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (tmp_path / name).write_text((tokenizer_dir / name).read_text())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["mecab_dictionary"].update(version="2.1.1", package="unidic-lite==1.0.7")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    recorded, installed = "unidic_lite 2.1.1 (unidic-lite==1.0.7), ", f"unidic_lite {unidic_lite.VERSION} "
+    with pytest.raises(UserError, match=f"{re.escape(recorded)}.* has {re.escape(installed)}"):
+        JapaneseTokenizer.from_pretrained(tmp_path)
 
 
 def test_character_tokenizer_directories_are_refused(tokenizer_dir, tmp_path):
