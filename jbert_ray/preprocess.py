@@ -254,9 +254,8 @@ def prepare_preprocess(config: PreprocessConfig) -> PreparedPreprocess:
     config = _absolute_paths(config)
     tokenizer_sha = check_tokenizer(config.tokenizer_dir)
     files = resolve_paths(config.input)
-    if _overlaps(config.output_dir, config.input, files.paths):
-        raise UserError(f"output {config.output_dir} and corpus {config.input} overlap: choose another --out")
-    ShardsDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    inputs = {"corpus": config.input, "tokenizer": config.tokenizer_dir}
+    ShardsDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume, inputs=inputs)
     return PreparedPreprocess(config, tokenizer_sha, files)
 
 
@@ -306,23 +305,6 @@ def _absolute_paths(config: PreprocessConfig) -> PreprocessConfig:
 
 def _location(path: str) -> str:
     return endpoint_uri(path) if is_uri(path) else Store(path).location
-
-
-def _overlaps(output_dir: str, corpus: str, paths: list[str]) -> bool:
-    """Would the output hold corpus files, or fall under the folder (or glob) that the corpus is listed from?"""
-    if is_uri(output_dir) != ("://" in corpus):
-        return False
-    if is_uri(output_dir):  # both in one store: compare as the filesystem names them (bucket/key)
-        out_path = Store(output_dir).path
-        return any(p == out_path or p.startswith(out_path + "/") for p in paths)
-    out = Path(output_dir).resolve()
-    if any(Path(p).is_relative_to(out) for p in paths):
-        return True
-    base = Path(corpus.split("*")[0].split("?")[0].split("[")[0] or ".")
-    listed = base if base.is_dir() and not Path(corpus).is_file() else None
-    if any(ch in corpus for ch in "*?["):
-        listed = base if base.is_dir() else base.parent
-    return listed is not None and out.is_relative_to(listed.resolve())
 
 
 def _check_pool_fits(num_actors: int) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from jbert_ray.errors import UserError
 from jbert_ray.model import hf_config_dict
+from jbert_ray.outputs import OWN_FILES
 from jbert_ray.shards import ShardInfo, file_sha256, inspect_shards
 from jbert_ray.storage import Store, local_copy
 
@@ -111,7 +112,7 @@ def check_run_dir(run: Store, cfg: PretrainConfig, hf_config: dict) -> None:
     )
     saved = run.read_json(CONFIG_FILE)
     if saved is None:
-        if any(name != CONFIG_FILE for name in run.files()):
+        if any(name not in (CONFIG_FILE, *OWN_FILES) for name in run.files()):
             raise UserError(f"output {run} is not empty and holds no jbert pretraining run; use a new --out")
     else:
         changed = [k for k in RESUME_KEYS if saved.get("identity", {}).get(k) != identity[k]]

@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 from jbert_ray.corpus import CorpusFiles, corpus_format, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.inference import LONG_TEXT_POLICIES, PLL_METHODS
+from jbert_ray.outputs import OutputLock, check_output, clear_output
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
-from jbert_ray.storage import Store, check_output
+from jbert_ray.storage import Store
 
+STAGE = "score"
 ERROR_TOO_LONG = "too_long"
 PARTS = "parts"  # the output's parquet parts: parts/part-00000.parquet, …
 _CANDIDATE = pa.struct([("token", pa.string()), ("score", pa.float32())])
@@ -139,6 +141,7 @@ class PreparedScoring(NamedTuple):
     config: ScoreConfig
     files: CorpusFiles  # the corpus, listed once
     out: Store
+    lock: OutputLock  # held from the checks to the end of the run: a second run on this output is refused
 
 
 def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
@@ -147,15 +150,24 @@ def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
 
     files = resolve_paths(config.input)
     model_dir = check_model_location(config.model_dir)
-    out = check_output(config.output_dir, overwrite=config.overwrite, keep=config.resume)
+    inputs = {"corpus": config.input, "model": model_dir}
+    out = check_output(config.output_dir, STAGE, inputs=inputs, overwrite=config.overwrite, keep=config.resume)
+    lock = OutputLock(out, STAGE).acquire()
     if config.overwrite:
-        out.clear()
-    return PreparedScoring(replace(config, model_dir=model_dir, output_dir=out.location), files, out)
+        clear_output(out, STAGE)
+    return PreparedScoring(replace(config, model_dir=model_dir, output_dir=out.location), files, out, lock)
 
 
 def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
     """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
-    config, files, out = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
+    config, files, out, lock = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
+    try:
+        return _score(config, files, out, lock)
+    finally:
+        lock.release()
+
+
+def _score(config: ScoreConfig, files: CorpusFiles, out: Store, lock: OutputLock) -> dict:
     done_ids = _written_ids(out) if config.resume else frozenset()
     # Blocks of one actor batch: a block goes to one actor whole, and a scored row costs milliseconds.
     dataset = read_corpus(
@@ -176,6 +188,8 @@ def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
     next_part = max((int(Path(p).stem.split("-")[1]) + 1 for p in _parts(out)), default=0)
     rows = 0
     for batch in dataset.iter_batches(batch_size=config.rows_per_part, batch_format="pyarrow"):
+        if lock.lost:
+            raise UserError(f"another run took over {out} (this one stalled); the parts written so far are kept")
         # Whole or not at all: a killed run leaves no half-written part that resume would trust.
         out.write_parquet(f"{PARTS}/part-{next_part:05d}.parquet", batch)
         next_part += 1
@@ -298,8 +312,7 @@ def _write_filtered(out: Store, config: ScoreConfig, summary: dict, files: Corpu
                 table = table.filter(keep)
                 writer.write(table)
                 kept += table.num_rows
-        out.delete("filtered")
-        out.upload(staging, "filtered")
+        out.replace_dir(staging, "filtered")
     return {
         "path": str(out.child(f"filtered/{name}")),
         "threshold": threshold,

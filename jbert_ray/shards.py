@@ -9,7 +9,6 @@ manifest.json is always an incomplete one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,12 +21,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from jbert_ray.errors import UserError
+from jbert_ray.outputs import OWN_FILES, OutputLock, check_output, child_names
 from jbert_ray.shard_records import merge_ranges
 from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri, local_copy
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
-MARKER = ".jbert_shards"  # says "preprocess made this folder": --overwrite deletes only such folders
+STAGE = "preprocess"
 PUBLISHED = ("train", "valid", "rejects", "tokenizer")  # folders moved from staging on publish
 _DONE = "done"
 _RUN_CONFIG = "run_config.json"
@@ -39,9 +39,9 @@ class ShardsDir:
     """SHARDS/ and its staging area, local or at a URI; safe to use from the driver and from Ray actors on any node
     (only the location travels; each process opens its own filesystem).
 
-    The run lock (an fcntl lock on SHARDS/.jbert_shards, refusing a second run on the same output) exists only for a
-    local dir: object stores have no such lock. On a URI a second concurrent run is not refused, but the run token
-    still keeps the workers of an earlier run from committing once a newer run has started.
+    The run lock (jbert_ray.outputs.OutputLock: a flock locally, a lease on an object store) refuses a second run
+    on the same output; the run token keeps the workers of an earlier, killed run from committing once a newer run
+    has started.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -61,47 +61,31 @@ class ShardsDir:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> ShardsDir:
-        """Prepare for a run: refuse a non-empty folder unless `overwrite` (cleared) or `resume` (kept)."""
+        """Prepare for a run: take the output's run lock; refuse a non-empty folder unless `overwrite` (cleared,
+        if it is a preprocess output) or `resume` (kept)."""
         shards = cls(root)
         non_empty = cls.check(root, overwrite=overwrite, resume=resume)
-        if shards.store.is_remote:
-            if not shards.store.is_file(MARKER):
-                shards.store.write_bytes(MARKER, b"")
-        else:
-            shards._lock_local()
+        shards._lock = OutputLock(shards.store, STAGE).acquire()
         if non_empty and overwrite:
             shards._clear()
         shards.staged.filesystem.create_dir(shards.staged.path, recursive=True)
         return shards
 
     def close(self) -> None:
-        """Release the run lock (it is also released when the process ends, however it ends)."""
+        """Release the run lock (a local one is also released when the process ends, however it ends)."""
         lock = getattr(self, "_lock", None)
         if lock is not None:
-            lock.close()
+            lock.release()
             self._lock = None
 
     @staticmethod
-    def check(root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
-        """Can a run write here? Raise a UserError if not; return whether the folder is non-empty."""
+    def check(root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, inputs=None) -> bool:
+        """Can a run write here (apart from `inputs`, see outputs.check_output)? Raise a UserError if not; return
+        whether the folder is non-empty."""
         if overwrite and resume:
             raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
-        store = Store(root)
-        try:
-            kind = store.kind()
-            names = _child_names(store) if kind == pafs.FileType.Directory else []
-        except OSError as error:
-            raise UserError(f"cannot read output {root}: {first_line(error)}") from None
-        if kind not in (pafs.FileType.Directory, pafs.FileType.NotFound):
-            raise UserError(f"output {root} exists and is not a directory")
-        if names and not (overwrite or resume):
-            raise UserError(
-                f"output {root} is not empty: pass --overwrite to replace it or --resume to finish it"
-            )
-        if names and not (MARKER in names or MANIFEST in names):
-            raise UserError(f"output {root} holds other files (no {MANIFEST}): choose another --out")
-        store.check_writable()  # a missing bucket, a read-only folder: one line now, not a failed run later
-        return bool(names)
+        out = check_output(root, STAGE, inputs=inputs or {}, overwrite=overwrite, keep=resume)
+        return any(name not in OWN_FILES for name in child_names(out))
 
     @property
     def complete(self) -> bool:
@@ -125,12 +109,42 @@ class ShardsDir:
             self.staged.write_json(_RUN_CONFIG, run_config)
 
     def recover(self) -> dict[str, list[tuple[int, int]]]:
-        """Undo a half-done publish and drop files of unfinished batches; return the input lines already done
-        (per path, merged inclusive ranges: empty on a fresh run)."""
+        """Undo a half-done publish, forget batches whose files are not all there, drop files of unfinished
+        batches; return the input lines already done (per path, merged inclusive ranges: empty on a fresh run)."""
         for name in PUBLISHED:
-            if self.store.exists(name) and not self.staged.exists(name):
-                self.store.move(name, f"{STAGING}/{name}")
+            # On an object store a move is copy, then delete: either side may be partial, never both.
+            for path in self.store.files(name):
+                if self.staged.is_file(path):
+                    self.store.delete(path)
+                else:
+                    self.store.move(path, f"{STAGING}/{path}")
+            self.store.delete(name)
+        for key in self.check_staged():
+            self.staged.delete(f"{_DONE}/{key}.json")  # its lines are read again
         return self.prune()
+
+    def check_staged(self) -> list[str]:
+        """The keys of done records whose files are missing or hold other row counts than the record says."""
+        expected = {}
+        for record in self.done_records():
+            for name in record["files"]:
+                split = name.split("/", 1)[0]
+                counts = record["counts"]
+                rows = counts["records_rejected"] if split == "rejects" else counts["splits"][split]["sequences"]
+                expected[name] = (record["key"], rows)
+        with ThreadPoolExecutor(_READERS) as pool:
+            found = dict(zip(expected, pool.map(self._staged_rows, expected)))
+        return sorted({key for name, (key, rows) in expected.items() if found[name] != rows})
+
+    def _staged_rows(self, name: str) -> int | None:
+        import pyarrow.parquet as pq
+
+        try:
+            if name.endswith(".parquet"):
+                return pq.read_metadata(self.staged.full(name), filesystem=self.staged.filesystem).num_rows
+            return self.staged.read_bytes(name).count(b"\n")
+        except (FileNotFoundError, OSError, ValueError):  # missing, or not a whole parquet file
+            return None
 
     def prune(self) -> dict[str, list[tuple[int, int]]]:
         """Delete staged files that no done record names (a batch cut short); return the done input lines."""
@@ -170,7 +184,12 @@ class ShardsDir:
         self.store.delete(STAGING)
 
     def publish(self, manifest: dict) -> None:
-        """Move the staged folders into place, then write manifest.json: the run is complete."""
+        """Check every staged file against its done record, move the staged folders into place, then write
+        manifest.json: the run is complete."""
+        damaged = self.check_staged()
+        if damaged:
+            raise UserError(f"{len(damaged)} finished batches of {self.root} lost files before publishing "
+                            f"(e.g. {damaged[0]}); rerun with --resume to redo them")  # fmt: skip
         for name in PUBLISHED:
             if self.staged.exists(name):
                 self.store.delete(name)
@@ -180,21 +199,10 @@ class ShardsDir:
         self.store.write_json(MANIFEST, manifest)
         self.discard_staging()
 
-    def _lock_local(self) -> None:
-        try:
-            self.store.filesystem.create_dir(self.store.path, recursive=True)
-            self._lock = open(Path(self.store.path) / MARKER, "a")  # noqa: SIM115 — held until the driver exits
-        except OSError as error:
-            raise UserError(f"cannot write to output {self.root}: {error.strerror or error}") from None
-        try:  # a second run on the same output (a resume while the first still runs) would interleave
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another preprocess run is writing to {self.root}") from None
-
     def _clear(self) -> None:
         self.store.delete(MANIFEST)  # first: from here on the folder reads as incomplete
-        for name in _child_names(self.store):
-            if name != MARKER:
+        for name in child_names(self.store):
+            if name not in OWN_FILES:
                 self.store.delete(name)
 
     # ---- worker side: staged files and done records ----
@@ -280,6 +288,8 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
     max_seq_len = int((manifest.get("config") or {}).get("max_seq_len") or 0)
     train_files, file_rows = _parquet_rows(store, "train")
     valid_files, valid_file_rows = _parquet_rows(store, "valid")
+    for split, rows in (("train", file_rows), ("valid", valid_file_rows)):
+        _check_split(root, split, manifest, rows)
     nonempty = [(f, n) for f, n in zip(train_files, file_rows) if n > 0]
     if not nonempty:
         raise UserError(f"{root}/train has no training sequences (no non-empty parquet files)")
@@ -302,6 +312,18 @@ def inspect_shards(data_dir: str | os.PathLike) -> ShardInfo:
     )
 
 
+def _check_split(root, split: str, manifest: dict, file_rows: list[int]) -> None:
+    """The files on disk hold what the manifest says (a lost or truncated file would silently shrink the data)."""
+    expected = (manifest.get("splits") or {}).get(split)
+    if not expected or "files" not in expected:  # a split the run did not write
+        return
+    if (len(file_rows), sum(file_rows)) != (expected["files"], expected["sequences"]):
+        raise UserError(
+            f"{root}/{split} holds {len(file_rows):,} files with {sum(file_rows):,} sequences but the manifest "
+            f"says {expected['files']:,} with {expected['sequences']:,}: files were lost; rerun `jbert preprocess`"
+        )
+
+
 def _parquet_rows(store: Store, folder: str) -> tuple[list[str], list[int]]:
     """The folder's parquet files (as the filesystem names them) and their row counts, from the footers."""
     import pyarrow.parquet as pq
@@ -313,12 +335,6 @@ def _parquet_rows(store: Store, folder: str) -> tuple[list[str], list[int]]:
     except OSError as error:
         raise UserError(f"cannot read {store.child(folder)}: {first_line(error)}") from None
     return paths, rows
-
-
-def _child_names(store: Store) -> list[str]:
-    """Names of the entries right under the store's dir (none if it does not exist)."""
-    selector = pafs.FileSelector(store.path, recursive=False, allow_not_found=True)
-    return [info.base_name for info in store.filesystem.get_file_info(selector)]
 
 
 def _read_lines(path: Path) -> list[str]:

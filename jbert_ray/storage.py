@@ -21,6 +21,9 @@ import pyarrow.fs as pafs
 from jbert_ray.errors import UserError
 
 CACHE_ENV = "JBERT_CACHE_DIR"  # where a node keeps its copies of remote model and tokenizer dirs
+CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB = "JBERT_CACHE_MAX_GB", 20.0  # evicted least recently used first
+_NEW, _OLD, _COMPLETE = ".new", ".old", ".jbert_complete"  # replace_dir's siblings and its completion mark
+_WHOLE_PUT_STORES = ("s3", "gcs", "abfs")  # pyarrow filesystems whose put makes an object appear whole or not
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -120,26 +123,39 @@ class Store:
         return self.read_bytes(relative).decode("utf-8")
 
     def read_json(self, relative: str, default=None):
-        """The parsed file, or `default` if it is missing or not (yet) valid JSON."""
+        """The parsed file, or `default` if it is missing. Our writes are whole, so a file that is not valid JSON
+        was damaged: a UserError, never silently `default` (a resume would then start over)."""
         try:
             return json.loads(self.read_bytes(relative))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except FileNotFoundError:
             return default
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{self.child(relative)} is damaged (not valid JSON: {error}); remove it or use a new "
+                            "output") from None  # fmt: skip
 
     # ---- writing: a reader never sees half a file ----
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """Write whole: locally through a temporary file and a rename; an object store's put is already whole."""
+        """Write whole: an object store's put is already whole; elsewhere a temporary file, renamed (and locally
+        fsynced first, so a node crash cannot leave a short file under the final name)."""
         target = self.full(relative)
         self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if self.is_remote:
+        if self.filesystem.type_name in _WHOLE_PUT_STORES:
             with self.filesystem.open_output_stream(target) as stream:
                 stream.write(data)
             return
         tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.filesystem.open_output_stream(tmp) as stream:
-            stream.write(data)
-        self.filesystem.move(tmp, target)
+        if self.is_remote:  # HDFS and the like: no atomic put, but an atomic rename
+            with self.filesystem.open_output_stream(tmp) as stream:
+                stream.write(data)
+            self.filesystem.move(tmp, target)
+            return
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(os.path.dirname(target))
 
     def write_text(self, relative: str, text: str) -> None:
         self.write_bytes(relative, text.encode("utf-8"))
@@ -172,6 +188,44 @@ class Store:
             self.filesystem.copy_file(self.full(name), self.full(target + name[len(source) :]))
         self.delete(source)
 
+    def replace_dir(self, local_dir: str | os.PathLike, relative: str) -> None:
+        """Put a local directory tree in place of `relative`, which is never missing or half-written: the new copy
+        is uploaded beside it (`relative.new`), marked complete, then swapped in."""
+        self.recover_dir(relative)
+        new = relative + _NEW
+        self.upload(local_dir, new)
+        self.write_bytes(f"{new}/{_COMPLETE}", b"")
+        self._swap_in(relative)
+
+    def recover_dir(self, relative: str) -> None:
+        """Finish a `replace_dir` that a crash cut short: a complete new copy goes in, an incomplete one goes."""
+        new, old = relative + _NEW, relative + _OLD
+        if self.is_file(f"{new}/{_COMPLETE}"):
+            self._swap_in(relative)
+        self.delete(new)
+        if self.exists(old) and not self.exists(relative):  # cut between the two renames of a local swap
+            self.move(old, relative)
+        self.delete(old)
+        self.delete(f"{relative}/{_COMPLETE}")
+
+    def _swap_in(self, relative: str) -> None:
+        new, old = relative + _NEW, relative + _OLD
+        if not self.is_remote:  # two renames; in between, `old` and the complete `new` are both there
+            self.delete(old)
+            if self.exists(relative):
+                self.filesystem.move(self.full(relative), self.full(old))
+            self.filesystem.move(self.full(new), self.full(relative))
+            self.delete(f"{relative}/{_COMPLETE}")
+            self.delete(old)
+            return
+        # An object store has no rename: copy file by file while the marked-complete `new` stays whole.
+        self.delete(relative)
+        for name in self.files(new):
+            if name != f"{new}/{_COMPLETE}":
+                self.filesystem.copy_file(self.full(name), self.full(relative + name[len(new) :]))
+        self.delete(f"{new}/{_COMPLETE}")  # from here `relative` is the complete copy
+        self.delete(new)
+
     def upload(self, local_dir: str | os.PathLike, relative: str = "") -> None:
         """Copy a local directory tree into this store."""
         self.filesystem.create_dir(self.full(relative), recursive=True)  # copy_files makes only the subdirs
@@ -183,11 +237,6 @@ class Store:
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self.full(relative), str(local_dir),
                         source_filesystem=self.filesystem, destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
-
-    def clear(self) -> None:
-        """Delete everything in this directory (`--overwrite`); nothing if it is not there."""
-        if self.kind() == pafs.FileType.Directory:
-            self.filesystem.delete_dir_contents(self.path)
 
     # ---- checks before any work starts ----
 
@@ -211,23 +260,13 @@ class Store:
             raise UserError(f"{what} not found: {self.location}")
 
 
-def check_output(location: str | os.PathLike, *, overwrite: bool = False, keep: bool = False) -> Store:
-    """An output directory checked before any work starts: not a file; empty unless `overwrite` (the caller
-    replaces it) or `keep` (a resume continues it); writable. Each failure is one UserError line."""
-    out = Store(resolve_location(location))
+def _fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable (the new name is an entry of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        kind = out.kind()
-        has_entries = kind == pafs.FileType.Directory and bool(
-            out.filesystem.get_file_info(pafs.FileSelector(out.path))
-        )
-    except OSError:  # an unreachable store: check_writable says why, in one line
-        kind, has_entries = pafs.FileType.NotFound, False
-    if kind == pafs.FileType.File:
-        raise UserError(f"output {out} exists and is not a directory")
-    if has_entries and not (overwrite or keep):
-        raise UserError(f"output {out} is not empty: pass --overwrite to replace it")
-    out.check_writable()
-    return out
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def first_line(error: BaseException) -> str:
@@ -238,7 +277,11 @@ def first_line(error: BaseException) -> str:
 
 def local_copy(location: str | os.PathLike) -> Path:
     """A local directory holding `location`: itself when it is local, else this node's cached copy, fetched once
-    per node and keyed by the remote listing (names, sizes, modification times), so a changed dir is fetched anew."""
+    per node and keyed by the remote listing (names, sizes, modification times), so a changed dir is fetched anew.
+
+    The bucket is not trusted: a key with `..` or an empty segment is refused (it would land outside the cache),
+    a cached copy whose sizes differ is fetched again, and the least recently used copies are evicted to keep
+    the cache under JBERT_CACHE_MAX_GB."""
     store = Store(location)
     if not store.is_remote:
         return Path(store.location)
@@ -246,18 +289,57 @@ def local_copy(location: str | os.PathLike) -> Path:
         infos = store.filesystem.get_file_info(pafs.FileSelector(store.path, recursive=True))
     except OSError as error:
         raise UserError(f"cannot read {store.location}: {first_line(error)}") from None
-    listing = sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    listing = sorted((i.path[len(store.path) + 1 :], i.size, str(i.mtime)) for i in files)
     if not listing:
         raise UserError(f"not found or empty: {store.location}")
+    for name, _, _ in listing:
+        if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
+            raise UserError(f"{store.location} holds an unsafe file name {name!r}: refusing to copy it")
     key = hashlib.sha256(json.dumps([store.location, listing]).encode()).hexdigest()[:20]
-    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jbert_ray") / key
+    root = _cache_root()
+    cache = root / key
     if cache.is_dir():
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
+        if _holds(cache, listing):
+            os.utime(cache)  # recently used: evicted last
+            return cache
+        shutil.rmtree(cache, ignore_errors=True)  # damaged (a file cut short or removed): fetch it again
+    _evict(root, keep_free=sum(size for _, size, _ in listing))
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     store.download("", staging)
+    if not _holds(staging, listing):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"copying {store.location} to {root} gave files of other sizes; try again")
     try:
         staging.rename(cache)  # whole or not at all; another process of this node may have won the race
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return cache
+
+
+def _cache_root() -> Path:
+    """This node's cache dir, private to the user (model files may be confidential)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jbert_ray")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
+
+
+def _holds(directory: Path, listing: list[tuple[str, int, str]]) -> bool:
+    """Does `directory` hold exactly the listed files, at their sizes?"""
+    found = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    if found != [name for name, _, _ in listing]:
+        return False
+    return all((directory / name).stat().st_size == size for name, size, _ in listing)
+
+
+def _evict(root: Path, keep_free: int) -> None:
+    """Delete the least recently used copies until `keep_free` more bytes fit under JBERT_CACHE_MAX_GB."""
+    limit = float(os.environ.get(CACHE_MAX_ENV) or DEFAULT_CACHE_MAX_GB) * 1e9
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in entries}
+    total = sum(sizes.values())
+    for entry in sorted(entries, key=lambda p: p.stat().st_mtime):
+        if total + keep_free <= limit:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= sizes[entry]

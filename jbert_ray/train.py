@@ -25,10 +25,11 @@ import torch
 from jbert_ray.errors import UserError
 from jbert_ray.masking import MaskingConfig
 from jbert_ray.model import ARCHS, SparseMaskedLM, build_model
+from jbert_ray.outputs import OutputLock, check_output
 from jbert_ray.pretrain_checks import check_batch, check_inputs, check_resources, check_run_dir
 from jbert_ray.progress import MetricsWatcher
 from jbert_ray.shards import ShardInfo
-from jbert_ray.storage import Store, check_output, local_copy, resolve_location
+from jbert_ray.storage import Store, local_copy, resolve_location
 from jbert_ray.train_state import MetricsLog, load_train_state, metrics_rows, plot_curves, save_train_state
 from jbert_ray.train_step import (
     all_reduce,
@@ -47,6 +48,7 @@ from jbert_ray.train_stream import (
     stream_spec,
 )
 
+STAGE = "pretrain"
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
 DEFAULT_MAX_STEPS = 1000  # optimizer steps of a run given neither --max-steps nor --time-budget
 # Micro-batch of a CPU worker: on 2 CPUs batch 16 beat batch 32 in the same 20 minutes (valid accuracy 32.2% vs
@@ -139,6 +141,7 @@ class PreparedPretraining(NamedTuple):
     config: PretrainConfig  # with absolute paths: workers run in their own directories
     shards: ShardInfo
     hf_config: dict  # the model's HF config
+    lock: OutputLock  # held from the checks to the end of the run: a second run on this run dir is refused
 
 
 def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
@@ -150,17 +153,32 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
         init_from=resolve_location(cfg.init_from) if cfg.init_from else None,
     )
     shards, hf_config = check_inputs(cfg)
-    check_output(cfg.output_dir, keep=True)  # a re-run resumes: check_run_dir says whether it is the same run
-    return PreparedPretraining(cfg, shards, hf_config)
+    # A re-run resumes: check_run_dir says whether it is the same run.
+    inputs = {"--data": cfg.data_dir, "--init-from": cfg.init_from}
+    run = check_output(cfg.output_dir, STAGE, inputs=inputs, keep=True)
+    return PreparedPretraining(cfg, shards, hf_config, OutputLock(run, STAGE).acquire())
 
 
 def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     """Train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
+    import ray.data
+
+    job = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
+    data_context = ray.data.DataContext.get_current()
+    bars = data_context.enable_progress_bars
+    try:
+        return _pretrain(job)
+    finally:
+        data_context.enable_progress_bars = bars  # _pretrain turns Ray Data's bars off, whatever its outcome
+        job.lock.release()
+
+
+def _pretrain(job: PreparedPretraining) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg, shards, hf_config = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
+    cfg, shards, hf_config, _ = job
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
     run = Store(cfg.output_dir)
     cpu_nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
@@ -177,8 +195,7 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     import ray.data
 
     # Training progress comes from the metrics rows (MetricsWatcher): no Ray Data bars for the valid stream either.
-    data_context = ray.data.DataContext.get_current()
-    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     spec = stream_spec(cfg, shards, run)
     datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
     has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
@@ -217,7 +234,6 @@ def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     watcher = MetricsWatcher(run, cfg.time_budget_min, cfg.max_steps)
     with watcher if cfg.show_progress else nullcontext():
         result = trainer.fit()
-    data_context.enable_progress_bars = bars
     return _finish(run, result, time.perf_counter() - started)
 
 
@@ -258,8 +274,7 @@ def _finish(run: Store, result, elapsed_s: float) -> dict:
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as checkpoint_dir:
-        run.delete("model")
-        run.upload(Path(checkpoint_dir) / "model", "model")
+        run.replace_dir(Path(checkpoint_dir) / "model", "model")  # the previous export stays until this one is whole
     plot = plot_curves(run)
     every_row = metrics_rows(run)
     rows = [r for r in every_row if r.get("loss") is not None]  # a row after an empty window has no loss
@@ -316,7 +331,10 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     log = MetricsLog(run, resume_step=step) if rank == 0 else None
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    stream_start = int((run.read_json(STREAM_FILE) or {}).get("start_sequence", 0))
+    stream = run.read_json(STREAM_FILE)  # written before every start of the stream: missing means lost
+    if not isinstance(stream, dict) or "start_sequence" not in stream:
+        raise RuntimeError(f"{run.child(STREAM_FILE)} is missing: cannot tell where the input stream starts")
+    stream_start = int(stream["start_sequence"])
     skip = max(0, step * cfg.global_batch_size - stream_start) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
     autocast = autocast_for(device, cfg.precision)

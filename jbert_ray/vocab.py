@@ -19,11 +19,14 @@ import pyarrow as pa
 
 from jbert_ray.corpus import CorpusFiles, RejectsWriter, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
+from jbert_ray.outputs import OutputLock, check_output, clear_output
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool
-from jbert_ray.storage import Store, check_output
+from jbert_ray.storage import Store
 from jbert_ray.text import TextConfig, clean_text, split_sentences
 from jbert_ray.tokenizer import TokenizerConfig, build_tagger, train_vocab
+
+STAGE = "vocab"
 
 
 @dataclass(frozen=True)
@@ -78,23 +81,28 @@ class PreparedVocab(NamedTuple):
     config: VocabConfig
     files: CorpusFiles  # the corpus, listed once
     output: Store  # checked; a local one is cleared now with --overwrite, a remote one on upload
+    lock: OutputLock  # held from the checks to the end of the run: a second run on this output is refused
 
 
 def prepare_vocab(config: VocabConfig) -> PreparedVocab:
     """The checks that need no cluster (the corpus exists, the output is writable and empty, or --overwrite): call
     before starting Ray."""
     files = resolve_paths(config.input)
-    output = check_output(config.output_dir, overwrite=config.overwrite)
+    output = check_output(config.output_dir, STAGE, inputs={"corpus": config.input}, overwrite=config.overwrite)
+    lock = OutputLock(output, STAGE).acquire()
     if config.overwrite and not output.is_remote:
-        output.clear()
-    return PreparedVocab(config, files, output)
+        clear_output(output, STAGE)
+    return PreparedVocab(config, files, output, lock)
 
 
 def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
     """Count MeCab words over the corpus on the cluster, train WordPiece, save the tokenizer directory."""
-    config, files, output = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
-    with _work_dir(output) as output_dir:
-        return _count_and_train(config, files, output_dir)
+    config, files, output, lock = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
+    try:
+        with _work_dir(output) as output_dir:
+            return _count_and_train(config, files, output_dir)
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -106,8 +114,7 @@ def _work_dir(output: Store) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="jbert_vocab_") as tmp:
         yield Path(tmp)
-        for name in output.files():  # --overwrite; file by file: the output may be a bucket's root
-            output.delete(name)
+        clear_output(output, STAGE)  # --overwrite (check_output refused anything but an earlier vocab output)
         output.upload(tmp)
 
 

@@ -251,7 +251,7 @@ def test_refusals_are_one_clear_line(ray_cluster, tokenizer_dir, tmp_path, capsy
     assert main([*args, "--tokenizer", str(tokenizer_dir), "--overwrite"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "not a tokenizer directory" in errors[0]
-    assert "not empty" in errors[1] and "other files" in errors[2]
+    assert "not empty" in errors[1] and "jbert did not write" in errors[2]
     assert (tmp_path / "out" / "keep.txt").exists()
 
 

@@ -73,15 +73,21 @@ def test_trained_vocab_loads_in_transformers_and_matches_our_ids(ray_cluster, pl
     assert ours.unk_token_id not in ours.encode(texts[0]).ids  # trained on these very texts
 
 
-def test_non_empty_output_needs_overwrite(ray_cluster, planted_corpus, tmp_path, capsys):
+def test_overwrite_replaces_only_an_earlier_vocab_output(ray_cluster, planted_corpus, tmp_path, capsys):
     out = tmp_path / "tok"
     out.mkdir()
-    (out / "vocab.txt").write_text("old\n")
+    (out / "vocab.txt").write_text("mine\n")  # a folder we did not write: never deleted
     args = ["vocab", "--input", str(planted_corpus / "part2.txt"), "--out", str(out), "--no-progress"]
-    assert main(args) == 2
-    assert "pass --overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite", "--vocab-size", "1000"]) == 0
-    assert (out / "vocab.txt").read_text() != "old\n"
+    assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 2 and "jbert did not write" in capsys.readouterr().err
+    assert (out / "vocab.txt").read_text() == "mine\n"
+    out = tmp_path / "tok2"
+    args = ["vocab", "--input", str(planted_corpus / "part2.txt"), "--out", str(out), "--no-progress"]
+    assert main(args + ["--vocab-size", "1000"]) == 0
+    first = (out / "vocab.txt").read_text()
+    assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--vocab-size", "800"]) == 0
+    assert (out / "vocab.txt").read_text() != first
 
 
 @pytest.mark.parametrize(

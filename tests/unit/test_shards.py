@@ -35,7 +35,7 @@ def test_a_non_empty_folder_is_refused_and_never_deleted_unless_ours(location):
     Store(location("out")).write_text("notes.txt", "mine")
     with pytest.raises(UserError, match="not empty"):
         ShardsDir.open(location("out"))
-    with pytest.raises(UserError, match="other files"):
+    with pytest.raises(UserError, match="files jbert did not write"):
         ShardsDir.open(location("out"), overwrite=True)
     assert Store(location("out")).files() == ["notes.txt"]
     with pytest.raises(UserError, match="exclude"):
@@ -48,7 +48,8 @@ def test_overwrite_clears_only_a_folder_we_made(location):
     shards.publish({"documents": 0})
     shards.close()
     ShardsDir.open(location("out"), overwrite=True).close()
-    assert Store(location("out")).files() == [".jbert_shards"]  # the staging area is a folder without files
+    # The staging area is a folder without files; the marker stays (and, locally, the lock file).
+    assert set(Store(location("out")).files()) - {".jbert_lock"} == {".jbert_output"}
 
 
 def test_a_missing_bucket_is_one_line_before_anything_is_written(s3_endpoint):
@@ -60,7 +61,7 @@ def test_a_missing_bucket_is_one_line_before_anything_is_written(s3_endpoint):
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
     first = ShardsDir.open(tmp_path / "out")
-    with pytest.raises(UserError, match="another preprocess run"):
+    with pytest.raises(UserError, match="another `jbert preprocess` run"):
         ShardsDir.open(tmp_path / "out", resume=True)
     first.close()
     ShardsDir.open(tmp_path / "out", resume=True).close()
@@ -70,7 +71,7 @@ def test_recover_drops_unfinished_files_and_undoes_a_half_publish(location):
     shards = ShardsDir.open(location("out"))
     table = pa.table({"n_tokens": pa.array([3], pa.int32())})
     done = shards.write_table("train/part-a.parquet", table)
-    shards.commit("a", {"ranges": {"f": [[1, 10]]}, "files": [done], "counts": {}})
+    shards.commit("a", {"ranges": {"f": [[1, 10]]}, "files": [done], "counts": _counts(1)})
     shards.write_table("train/part-b.parquet", table)  # killed before its done record
     shards.staged.write_bytes("train/part-c.parquet.tmp", b"half")
     shards.store.move(".staging/train", "train")  # killed mid-publish
@@ -125,4 +126,49 @@ def test_a_worker_of_an_earlier_run_commits_nothing(location, tmp_path, tokenize
     assert len(list(shards.done_records())) == 1
     assert shards.prune() == {"c.jsonl": [(1, 2)]}  # and its files are dropped
     assert shards.staged.files("rejects") == [f"rejects/part-{record['key']}.jsonl"]
+    shards.close()
+
+
+def _counts(sequences: int, rejected: int = 0) -> dict:
+    return {"records_rejected": rejected, "splits": {"train": {"sequences": sequences}}}
+
+
+def _batch(shards: ShardsDir, key: str, lines: list[int], rows: int = 2) -> None:
+    table = pa.table({"n_tokens": pa.array([5] * rows, pa.int32())})
+    done = shards.write_table(f"train/part-{key}.parquet", table)
+    shards.commit(key, {"ranges": {"f": [lines]}, "files": [done], "counts": _counts(rows)})
+
+
+def test_a_publish_cut_while_deleting_the_staged_copy_loses_nothing(location):
+    """Object stores publish by copy, then delete: a crash part-way through the delete left a partial staged copy,
+    which the next run published over the complete one."""
+    shards = ShardsDir.open(location("out"))
+    for i, key in enumerate("abcd"):
+        _batch(shards, key, [10 * i + 1, 10 * i + 10])
+    for name in shards.staged.files("train"):  # the copy of publish's move
+        shards.store.write_bytes(name, shards.staged.read_bytes(name))
+    for name in shards.staged.files("train")[:2]:  # the delete, cut short
+        shards.staged.delete(name)
+    shards.close()
+
+    shards = ShardsDir.open(location("out"), resume=True)
+    assert shards.recover() == {"f": [(1, 40)]}
+    shards.publish({"documents": 4})
+    assert shards.store.files("train") == [f"train/part-{key}.parquet" for key in "abcd"]
+    shards.close()
+
+
+def test_a_batch_whose_file_was_lost_is_redone_and_never_published(location):
+    shards = ShardsDir.open(location("out"))
+    _batch(shards, "a", [1, 10])
+    _batch(shards, "b", [11, 20])
+    shards.staged.write_parquet("train/part-b.parquet", pa.table({"n_tokens": pa.array([5], pa.int32())}))
+    with pytest.raises(UserError, match="1 finished batches .* lost files.*--resume"):
+        shards.publish({"documents": 2})
+    assert not shards.complete
+    shards.close()
+
+    shards = ShardsDir.open(location("out"), resume=True)
+    assert shards.recover() == {"f": [(1, 10)]}  # lines 11-20 are read again
+    assert shards.staged.files("train") == ["train/part-a.parquet"]
     shards.close()

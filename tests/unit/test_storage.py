@@ -63,9 +63,54 @@ def test_a_remote_dir_is_fetched_once_per_node_and_again_when_it_changes(s3_buck
     remote.write_text("config.json", '{"hidden_size": 64}')
     first = local_copy(remote.location)
     assert (first / "config.json").read_text() == '{"hidden_size": 64}'
-    (first / "marker").write_text("kept")  # a second call uses the copy, it does not fetch again
-    assert local_copy(remote.location) == first and (first / "marker").exists()
+    (first / "config.json").write_text('{"hidden_size": 65}')  # same size: a second call uses the copy as it is
+    assert local_copy(remote.location) == first and "65" in (first / "config.json").read_text()
+    (first / "config.json").write_text("{}")  # cut short (a crash, a full disk): fetched again
+    assert (local_copy(remote.location) / "config.json").read_text() == '{"hidden_size": 64}'
     remote.write_text("config.json", '{"hidden_size": 128}')
     changed = local_copy(remote.location)
     assert changed != first and (changed / "config.json").read_text() == '{"hidden_size": 128}'
     assert local_copy(tmp_path) == tmp_path  # a local dir is used in place
+
+
+def _faulty(store: Store, fault) -> Store:
+    """The same store through a filesystem whose chosen call fails (a crash at that step)."""
+    from tests.faulty_fs import faulty_filesystem
+
+    crashing = Store(store.location)
+    crashing.__dict__["_opened"] = (faulty_filesystem(fault, base=store.filesystem), store.path)
+    return crashing
+
+
+def _tree(store: Store, relative: str) -> dict[str, bytes]:
+    return {name[len(relative) + 1 :]: store.read_bytes(name) for name in store.files(relative)}
+
+
+@pytest.mark.parametrize("op", ["open_output", "move", "copy", "delete_dir", "delete_file"])
+def test_a_crash_at_any_step_of_replacing_a_dir_leaves_the_old_or_the_new_copy_whole(store, tmp_path, op):
+    from tests.faulty_fs import Fault
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, text in ((old, "古いモデル"), (new, "新しいモデル")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"name": text}, ensure_ascii=False))
+        (folder / "sub" / "weights.bin").write_bytes(text.encode() * 1000)
+    want_old = {p: (old / p).read_bytes() for p in ("config.json", "sub/weights.bin")}
+    want_new = {p: (new / p).read_bytes() for p in ("config.json", "sub/weights.bin")}
+    crashes = 0
+    for nth in range(1, 40):
+        run = store.child(f"run-{op}-{nth}")
+        run.upload(old, "model")
+        try:
+            _faulty(run, Fault(op, "*", nth=nth)).replace_dir(new, "model")
+        except OSError:
+            crashes += 1
+        else:
+            assert _tree(run, "model") == want_new
+            break
+        run.recover_dir("model")  # the next run, or the next export, starts with this
+        assert _tree(run, "model") in (want_old, want_new), f"{op} #{nth}"
+        assert run.files() == sorted(f"model/{p}" for p in want_old)  # no .new/.old copy or marker left
+        run.replace_dir(new, "model")
+        assert _tree(run, "model") == want_new
+    assert crashes or op == "copy"  # every op but a remote copy is on the local path too
