@@ -11,9 +11,10 @@ import sys
 
 from jbert_ray.cli_data import add_data_commands
 from jbert_ray.cli_model import add_model_commands
-from jbert_ray.errors import UserError
+from jbert_ray.errors import Stopped, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 130  # as a shell reports a command ended by SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         args.handler(args)
+    except Stopped as stopped:
+        print(f"jbert {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as error:  # only user errors are turned into one line; the rest re-raise
         user_error = _find_user_error(error)
         if user_error is None:

@@ -7,9 +7,11 @@ import atexit
 import logging
 import os
 import re
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # A line of Ray's C++ logging (`[2026-11-30 12:47:31,066 E 26963 26963] core_worker.cc:2465: ...`), below FATAL.
 _RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] [\w./-]+:\d+: ")
@@ -171,6 +173,21 @@ def _forward_without_ray_lines(read_fd: int, write_fd: int) -> None:
                     line = line[os.write(write_fd, line) :]
             except OSError:
                 pass
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM (what Kubernetes, systemd and `timeout` send) raises KeyboardInterrupt like SIGINT does, so a long
+    run unwinds through its `finally` blocks instead of dying mid-write."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def by_reason(counts: dict[str, int]) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray
+from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray, stop_on_signals
 from jbert_ray.config_flags import Flag, add_config_flags, config_from_args
-from jbert_ray.errors import UserError
+from jbert_ray.errors import Stopped, UserError
 
 
 def add_model_commands(commands, selected: str | None) -> None:
@@ -91,17 +91,26 @@ def _add_score(sub: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> None:
-    from jbert_ray.scoring import ScoreConfig, prepare_scoring, run_scoring
+    from jbert_ray.scoring import ScoreConfig, prepare_scoring, run_scoring, scored_rows
 
     config = config_from_args(ScoreConfig, args, SCORE_FLAGS)
     job = prepare_scoring(config)  # corpus, model and output checks fail before Ray starts
     init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
-    summary = run_scoring(job)
+    try:
+        with stop_on_signals():
+            summary = run_scoring(job)
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()  # the scorers stop writing: what is counted now is what is kept
+        raise Stopped(f"stopped; {scored_rows(job.out):,} scored rows are kept in {job.out}: run the same "
+                      "command with --resume to finish") from None  # fmt: skip
     errors = by_reason(summary["errors_by_reason"])
     print(
         f"score: {summary['rows_in']:,} rows in, {summary['rows_scored']:,} scored, "
         f"{summary['rows_with_error']:,} with errors ({errors}); {summary['rows_this_run']:,} this run at "
-        f"{summary['sentences_per_s']:,.1f} sentences/s → {config.output_dir}"
+        f"{summary['sentences_per_s']:,.1f} sentences/s, {summary['tokens_per_s']:,.0f} tokens/s "
+        f"→ {config.output_dir}"
     )
     if summary["filtered"]:
         f = summary["filtered"]

@@ -36,6 +36,19 @@ def can_make_namespaces() -> bool:
     return probe.returncode == 0
 
 
+def wait_for_group_exit(pgid: int, timeout_s: float = 30) -> None:
+    """Wait until every process of a killed process group (a driver and the local Ray it started) is gone."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 def read_sample(limit: int | None = None) -> list[str]:
     with open(SAMPLE_PATH, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]

@@ -25,6 +25,7 @@ from jbert_ray.shards import inspect_shards
 from jbert_ray.storage import Store
 from jbert_ray.text import clean_text, split_sentences
 from jbert_ray.tokenizer import JapaneseTokenizer
+from tests.conftest import wait_for_group_exit
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -312,7 +313,7 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    _wait_for_group_exit(child.pid)
+    wait_for_group_exit(child.pid)
     log.close()
     assert not store.exists("manifest.json")  # killed mid-way: the output does not look complete
     before = done_records()
@@ -337,16 +338,6 @@ def test_killed_run_resumes_without_duplicated_or_missing_documents(
     assert {k: fresh[k] for k in ("documents", "sentences", "sequences", "tokens")} == {
         k: manifest[k] for k in ("documents", "sentences", "sequences", "tokens")
     }
-
-
-def _wait_for_group_exit(pgid: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 def test_output_to_a_file_is_plain_lines_without_ray_logs(tokenizer_dir, sample_texts, tmp_path):

@@ -2,6 +2,7 @@
 output on a local S3 server."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from jbert_ray.cli import main
 from jbert_ray.inference import MaskedLM
 from jbert_ray.storage import Store
-from tests.conftest import REPO, read_sample
+from tests.conftest import REPO, read_sample, wait_for_group_exit
 
 pytestmark = pytest.mark.ray
 
@@ -117,13 +118,16 @@ def test_killed_run_resumes_without_duplicates_or_gaps(corpus, tiny_model_dir, t
     args = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--model", str(tiny_model_dir),
             "--out", str(out), "--batch-size", "4", "--rows-per-part", "4", "--num-actors", "1", "--num-cpus", "2",
             "--no-progress"]
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # In a process group of its own with the local Ray it starts: all of it dies at once, as a lost node would.
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "parts").glob("part-*.parquet"))) < 2:
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    written = len(read_parts(out)["id"])
+    wait_for_group_exit(process.pid)
+    written = sum(json.loads(p.read_text())["stats"]["rows"] for p in (out / "done").glob("*/*.json"))
     assert 0 < written < len(expected_ids(corpus)) and not (out / "summary.json").exists()
     result = subprocess.run(args + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -156,7 +160,7 @@ def test_model_and_output_on_s3_give_the_scores_of_a_local_run(scored, corpus, s
     assert main(["score", "--input", str(corpus), "--model", s3_model, "--out", out, "--batch-size", "8",
                  "--rows-per-part", "16", "--filter-percentile", "25", "--no-progress"]) == 0  # fmt: skip
     store, rows, local = Store(out), read_s3_parts(out), read_parts(scored)
-    assert sorted(rows["id"]) == sorted(expected_ids(corpus)) and len(store.files("parts")) == 3
+    assert sorted(rows["id"]) == sorted(expected_ids(corpus)) and len(store.files("parts")) >= 6  # ≤ 8 rows each
     local_pll = dict(zip(local["id"], local["pll"]))
     assert [local_pll[i] is None for i in rows["id"]] == [p is None for p in rows["pll"]]
     scored_ids = [(i, p) for i, p in zip(rows["id"], rows["pll"]) if p is not None]
@@ -174,7 +178,7 @@ def test_resume_on_s3_scores_only_the_missing_ids(ray_cluster, corpus, s3_model,
     assert main(args) == 0
     store = Store(out)
     parts = store.files("parts")
-    for name in parts[len(parts) // 2 :] + ["summary.json"]:  # as if killed half way
+    for name in parts[len(parts) // 2 :] + ["summary.json"]:  # lost: their done records name missing parts
         store.delete(name)
     kept = read_s3_parts(out)["id"]
     assert main(args) == 2  # a non-empty output without --resume or --overwrite is refused
@@ -195,3 +199,68 @@ def test_missing_bucket_or_model_on_s3_is_one_clear_line(corpus, tiny_model_dir,
         assert main(["score", "--input", str(corpus), "--model", str(model), "--out", out]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sigterm_stops_with_one_line_keeping_the_work_and_resume_finishes(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "ja.jsonl"
+    texts = read_sample(400)
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--model", str(tiny_model_dir),
+            "--out", str(out), "--batch-size", "200", "--flush-s", "0.01", "--num-actors", "1", "--num-cpus", "2",
+            "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("done/*/*.json"))) < 2:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # what Kubernetes, systemd and `timeout` send
+    _, err = process.communicate(timeout=120)
+    kept = sum(json.loads(p.read_text())["stats"]["rows"] for p in out.glob("done/*/*.json"))
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == [f"jbert score: stopped; {kept:,} scored rows are kept in {out}: run the same "
+                                        "command with --resume to finish"], err[-3000:]  # fmt: skip
+    assert 0 < kept < len(texts)
+    result = subprocess.run(args + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = read_parts(out)["id"]
+    assert sorted(ids) == sorted(f"{corpus}:{n}" for n in range(1, len(texts) + 1)) and len(ids) == len(set(ids))
+
+
+def test_resume_refuses_a_moved_or_changed_corpus_before_any_work(scored, corpus, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(scored, out)
+    moved = tmp_path / "moved" / corpus.name
+    moved.parent.mkdir()
+    shutil.copy2(corpus, moved)  # the same file elsewhere: its lines would be scored again under new ids
+    args = ["score", "--input", str(moved), "--model", str(tiny_model_dir), "--out", str(out), "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the corpus is not the one it scored: 1 files gone, 1 new (moved?" in err and "\n" not in err, err
+
+    (out / "inputs.json").write_text(json.dumps([{"path": str(moved), "size": 1, "mtime_ns": 0}]))  # as if
+    assert main(args) == 2  # that run had scored `moved` before a line was added to it
+    err = capsys.readouterr().err.strip()
+    assert f"the corpus is not the one it scored: 1 changed (e.g. {moved})" in err, err
+
+
+def test_duplicate_ids_are_refused_before_scoring(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    corpus = tmp_path / "ids.jsonl"
+    rows = [{"id": f"doc-{i % 5}", "text": t} for i, t in enumerate(read_sample(8))]
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--id-field", "id", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "ids are not unique" in err and "'doc-1' ×2" in err and "\n" not in err, err
+    assert not (out / "parts").exists()
+
+
+def test_a_row_over_max_tokens_per_row_is_too_long_even_with_windows(ray_cluster, tiny_model_dir, tmp_path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("短い文です。\n" + "東京は日本の首都です。" * 20 + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--max-tokens-per-row", "50", "--no-progress"]) == 0  # fmt: skip
+    assert read_parts(out)["error"] == ["", "too_long"]

@@ -1,6 +1,8 @@
 """The shards output directory without Ray: refusals, the run lock, done records, recovery and publishing, in a
 local folder and in an S3 bucket (a local S3 server) alike."""
 
+import tempfile
+
 import pyarrow as pa
 import pytest
 
@@ -172,3 +174,31 @@ def test_a_batch_whose_file_was_lost_is_redone_and_never_published(location):
     assert shards.recover() == {"f": [(1, 10)]}  # lines 11-20 are read again
     assert shards.staged.files("train") == ["train/part-a.parquet"]
     shards.close()
+
+
+@pytest.mark.parametrize("op", ["open_output", "move", "copy", "delete_dir", "delete_file"])
+def test_a_crash_at_any_step_of_publishing_loses_no_batch(location, op):
+    from tests.faulty_fs import Fault, faulty_filesystem
+
+    for nth in range(1, 60):
+        root = location(f"out-{op}-{nth}")
+        shards = ShardsDir.open(root)
+        for i, key in enumerate("abc"):
+            _batch(shards, key, [10 * i + 1, 10 * i + 10])
+        crashing, counts = ShardsDir(root), tempfile.mkdtemp()
+        for store in (crashing.store, crashing.staged):  # the same dir through a filesystem whose nth call fails
+            faulty = faulty_filesystem(Fault(op, "*", nth=nth), base=store.filesystem, state_dir=counts)
+            store.__dict__["_opened"] = (faulty, store.path)
+        try:
+            crashing.publish({"documents": 3})
+            crashed = False
+        except OSError:
+            crashed = True
+            shards.close()
+            shards = ShardsDir.open(root, resume=True)  # the next run
+            assert shards.recover() == {"f": [(1, 30)]}, f"{op} #{nth}"
+            shards.publish({"documents": 3})
+        assert shards.complete and shards.store.files("train") == [f"train/part-{k}.parquet" for k in "abc"]
+        shards.close()
+        if not crashed:  # every step of publish has been cut once
+            break

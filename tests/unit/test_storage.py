@@ -1,6 +1,7 @@
 """Store: the same reads and writes on a local path and on the local S3 server; clear errors; the node cache."""
 
 import json
+import time
 
 import pytest
 
@@ -114,3 +115,33 @@ def test_a_crash_at_any_step_of_replacing_a_dir_leaves_the_old_or_the_new_copy_w
         run.replace_dir(new, "model")
         assert _tree(run, "model") == want_new
     assert crashes or op == "copy"  # every op but a remote copy is on the local path too
+
+
+def test_a_bucket_key_that_climbs_out_of_the_cache_is_refused(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("JBERT_CACHE_DIR", str(tmp_path / "cache"))
+    remote = Store(s3_bucket("model"))
+    remote.write_text("config.json", '{"hidden_size": 64}')
+    bucket = remote.path.split("/")[0]
+    client = boto3.client("s3", endpoint_url=f"http://{s3_endpoint}", region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="model/../../../escaped.txt", Body=b"not yours")  # a hostile bucket
+    with pytest.raises(UserError, match=r"unsafe file name '\.\./\.\./\.\./escaped\.txt'"):
+        local_copy(remote.location)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_the_cache_is_private_and_evicts_the_least_recently_used_copy(s3_bucket, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setenv("JBERT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JBERT_CACHE_MAX_GB", str(2.5e-6))  # 2,500 bytes: room for two 1,000-byte copies
+    copies = []
+    for name in ("a", "b", "c"):
+        remote = Store(s3_bucket(f"models/{name}"))
+        remote.write_bytes("model.safetensors", name.encode() * 1000)
+        copies.append(local_copy(remote.location))
+        time.sleep(0.05)  # distinct modification times: the order of use
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert [c.exists() for c in copies] == [False, True, True]  # a went first
