@@ -248,21 +248,25 @@ def _score(config: ScoreConfig, files: CorpusFiles, out: Store, lock: OutputLock
     run_token = uuid.uuid4().hex
     out.write_json(RUN_TOKEN, {"run": run_token})  # earlier runs' surviving actors stop recording
     counter = ray.remote(num_cpus=0)(ScoredCounter).remote()  # Ray: the scorers report each chunk to it
-    # Blocks of one actor batch: a block goes to one actor whole.
+    pool = _scorer_pool(config)
+    rows_left = max(0, estimate_rows(files.paths, files.filesystem) - resumed)
+    # A block goes to one actor whole: a small corpus is cut into at least 4 blocks per actor, so no actor is
+    # left with the last long block while the others idle.
+    batch = max(1, min(config.batch_size, -(-rows_left // (4 * pool.max_size))))
     dataset = read_corpus(
         files, text_field=config.text_field, id_field=config.id_field, positions=True, skip=done,
-        rows_per_block=config.batch_size,
+        rows_per_block=batch,
     ).map_batches(
         CorpusScorer,
         fn_constructor_kwargs={"model_dir": config.model_dir, "config": asdict(config), "run_token": run_token,
                                "counter": counter},
-        batch_size=config.batch_size,
+        batch_size=batch,
         batch_format="numpy",
-        compute=_scorer_pool(config),
+        compute=pool,
         num_cpus=ACTOR_CPUS,
         num_gpus=config.gpus_per_actor or None,
     )  # fmt: skip
-    progress = ScoreProgress(counter, max(0, estimate_rows(files.paths, files.filesystem) - resumed))
+    progress = ScoreProgress(counter, rows_left)
     rows = tokens = 0
     try:
         with progress if config.show_progress else nullcontext():
