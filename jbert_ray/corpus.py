@@ -4,16 +4,21 @@ A corpus is a file, a folder or a glob of .jsonl (a `text` field), .txt (one doc
 optionally .gz/.bz2 compressed, on local disk or any pyarrow filesystem (s3://, gs://, hdfs://). Rows have
 `record_id` (`path:line`, or the value of an id field), `text` and `reject` ("" or a reason from jbert_ray.text);
 with `positions=True` also `path` and `line` (1-based line or parquet row), which `skip` takes to resume a run.
-A binary file, a corrupt compressed file and an over-long line become rejected records, never a crash.
+A binary file, a corrupt compressed stream and an over-long line become rejected records, never a crash.
+A storage error (any backend's, timeouts included) is retried from the byte reached; one that persists fails
+the read with a UserError naming the file, so no file is ever cut short silently.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -28,11 +33,18 @@ _MAX_BLOCKS = 100_000  # a cap on requested blocks: past it, per-block overhead 
 _CODECS = {"gz": "gzip", "bz2": "bz2", "zst": "zstd", "lz4": "lz4"}
 REJECT_PREVIEW_CHARS = 2000  # a rejected record is kept in rejects/ up to this length
 _READ_CHUNK_BYTES = 1 << 20
+_COMPRESSED_CHUNK_BYTES = 64 << 10  # a corrupt stream loses the chunk being decoded: small keeps more lines
+_REQUEST_BYTES = 8 << 20  # bytes asked of storage at once: an object store's GET costs ~10-50 ms up front
+# Waits before each reopen of a file whose open or read failed: 15.5 s in all, past an object store's 503
+# bursts and a namenode failover. A successful read starts the count again: only consecutive failures add up.
+_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _MAX_LINE_BYTES = 64 << 20  # a longer line is rejected while it streams past, never held in memory
 _SNIFF_BYTES = 8192  # a file whose head is mostly undecodable or control bytes is binary, not a corpus
 _BINARY_HEAD_FRACTION = 0.3
 SCHEMA = pa.schema([("record_id", pa.string()), ("text", pa.string()), ("reject", pa.string())])
 POSITION_FIELDS = [("path", pa.string()), ("line", pa.int64())]
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def corpus_format(path: str) -> str:
@@ -134,7 +146,7 @@ def estimate_rows(paths: Sequence[str], filesystem: pa.fs.FileSystem) -> int:
                 rows, used = pq.ParquetFile(f).metadata.num_rows, sizes[0]
         else:
             with filesystem.open_input_file(first) as raw:
-                codec = _CODECS.get(first.rsplit(".", 1)[-1].lower())
+                codec = _codec(first)
                 stream = pa.CompressedInputStream(raw, codec) if codec else raw
                 rows = stream.read(_READ_CHUNK_BYTES).count(b"\n")
                 used = raw.tell()  # the file bytes behind those records
@@ -187,17 +199,20 @@ class CorpusDatasource(FileBasedDatasource):
         **kwargs,
     ):
         super().__init__(paths, **kwargs)
+        # ResumableFile retries every backend's errors and resumes mid-file; Ray's own retry (AWS messages
+        # only) would re-read the whole file from its start and multiply a persistent error's attempts.
+        self._data_context = copy.copy(self._data_context)
+        self._data_context.retried_io_errors = []
+        self.retry_delays_s = _RETRY_DELAYS_S
         self.text_field = text_field
         self.id_field = id_field
         self.positions = positions
         self.skip = {path: [tuple(r) for r in ranges] for path, ranges in (skip or {}).items()}
 
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        fmt = corpus_format(path)
-        rows = self._parquet_rows(f, path) if fmt == "parquet" else self._line_rows(f, path, fmt)
+    def _read_stream(self, f: ResumableFile, path: str) -> Iterator[pa.Table]:
         skipped = _LineSkipper(self.skip.get(path, ()))
         block: list[tuple[str, str, str, int]] = []
-        for row in rows:
+        for row in read_rows(f, path, self.text_field, self.id_field):
             if skipped(row[3]):
                 continue
             block.append(row)
@@ -207,60 +222,184 @@ class CorpusDatasource(FileBasedDatasource):
         if block:
             yield _to_table(block, path if self.positions else None)
 
-    def _line_rows(self, f: pa.NativeFile, path: str, fmt: str) -> Iterator[tuple[str, str, str, int]]:
-        number = 0
-        try:
-            head = f.read(_SNIFF_BYTES)
-            if _looks_binary(head):
-                yield _row(
-                    f"{path}:1", head[:REJECT_PREVIEW_CHARS].decode("utf-8", "replace"), T.REJECT_BINARY, 1
-                )
-                return
-            for number, (line, whole) in enumerate(_iter_lines(f, head), start=1):
-                if not whole:
-                    yield _row(f"{path}:{number}", line.decode("utf-8", "replace"), T.REJECT_TOO_LONG, number)
-                    continue
-                record_id, text, reason = parse_line(line, fmt, self.text_field, self.id_field)
-                yield _row(record_id or f"{path}:{number}", text, reason, number)
-        except (OSError, pa.ArrowException) as error:  # e.g. a truncated or corrupt .gz: keep what was read
-            if any(pattern in str(error) for pattern in self._data_context.retried_io_errors):
-                raise  # a transient storage error: Ray Data retries the read
-            yield _row(f"{path}:{number + 1}", str(error), T.REJECT_UNREADABLE, number + 1)
+    def _open_input_source(self, filesystem, path: str, **open_args) -> ResumableFile:
+        # Opened lazily, inside the retries; Ray's wrapper of the filesystem retries AWS's errors on its own.
+        return ResumableFile(getattr(filesystem, "unwrap", lambda: filesystem)(), path, self.retry_delays_s)
 
-    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
-        # Parquet needs random access: open it as a file and stream its row groups, never read it whole.
-        if corpus_format(path) == "parquet" and self.resolve_compression(path, open_args) is None:
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
 
-    def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple[str, str, str, int]]:
-        import pyarrow.parquet as pq
+def read_rows(
+    file: ResumableFile, path: str, text_field: str = "text", id_field: str | None = None
+) -> Iterator[tuple[str, str, str, int]]:
+    """Every record of one corpus file as (record_id, text, reject, line), in file order."""
+    if corpus_format(path) == "parquet":
+        return _parquet_rows(file, path, text_field, id_field)
+    return _line_rows(file, path, corpus_format(path), text_field, id_field)
 
-        try:
-            parquet = pq.ParquetFile(f if f.seekable() else pa.BufferReader(f.readall()))
-        except (pa.ArrowInvalid, OSError):
-            yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
+
+class ResumableFile:
+    """A corpus file, read through storage errors: a failed open or read is retried after each of
+    `delays_s`, reopening the file at the byte reached (every pyarrow filesystem opens files for random
+    access). When the delays run out, UserError names the file. pa.PythonFile makes it a NativeFile."""
+
+    def __init__(self, filesystem: pa.fs.FileSystem, path: str, delays_s: Sequence[float] = _RETRY_DELAYS_S):
+        self.filesystem, self.path, self.delays_s = filesystem, path, tuple(delays_s)
+        self.position = 0
+        self.closed = False
+        self._file: pa.NativeFile | None = None
+        self._size = 0
+
+    def read(self, nbytes: int = -1) -> bytes:
+        """The next `nbytes` (all, if negative); fewer only at the end of the file, as parquet expects."""
+        end = self.size() if nbytes < 0 else min(self.size(), self.position + nbytes)
+        chunks = []
+        while self.position < end:
+            chunks.append(self._retry(lambda f: self._read_at(f, end - self.position)))
+            self.position += len(chunks[-1])
+        return b"".join(chunks)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = self.size() if whence == 2 else self.position if whence == 1 else 0
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def size(self) -> int:
+        return self._retry(lambda f: self._size)  # known once the file is open
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._discard()
+
+    def __enter__(self) -> ResumableFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _retry(self, operation: Callable[[pa.NativeFile], _T]) -> _T:
+        failures, started_s = 0, time.monotonic()
+        while True:
+            try:
+                if self._file is None:
+                    self._file = self.filesystem.open_input_file(self.path)
+                    self._size = self._file.size()
+                return operation(self._file)
+            except (OSError, pa.ArrowException) as error:  # every backend's storage errors are one of these
+                self._discard()
+                if failures == len(self.delays_s):
+                    raise UserError(
+                        f"cannot read corpus file {self.path} at byte {self.position:,}: {_one_line(error)} "
+                        f"({failures + 1} attempts in {time.monotonic() - started_s:.1f} s; check that the "
+                        "storage is reachable, then run again)"
+                    ) from error
+                _log.warning("reading %s at byte %d failed (%s); retrying in %.1f s", self.path,
+                             self.position, _one_line(error), self.delays_s[failures])  # fmt: skip
+                time.sleep(self.delays_s[failures])
+                failures += 1
+
+    def _read_at(self, f: pa.NativeFile, count: int) -> bytes:
+        data = f.read_at(count, self.position)
+        if not data:  # a connection that ended early: the file would otherwise end here, silently
+            raise OSError(f"storage returned no data at byte {self.position:,} of {self._size:,}")
+        return data
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except (OSError, pa.ArrowException):  # a broken connection may fail to close too; it is dropped
+                pass
+            self._file = None
+
+
+def _line_rows(
+    file: ResumableFile, path: str, fmt: str, text_field: str, id_field: str | None
+) -> Iterator[tuple[str, str, str, int]]:
+    codec = _codec(path)
+    f = pa.BufferedInputStream(pa.PythonFile(file, mode="r"), _REQUEST_BYTES)
+    if codec:
+        f = pa.CompressedInputStream(f, codec)
+    number = 0
+    try:
+        head = f.read(_SNIFF_BYTES)
+        if _looks_binary(head):
+            preview = head[:REJECT_PREVIEW_CHARS].decode("utf-8", "replace")
+            yield _row(f"{path}:1", preview, T.REJECT_BINARY, 1)
             return
-        if self.text_field not in parquet.schema_arrow.names:
-            for number in range(1, parquet.metadata.num_rows + 1):
-                yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD, number)
-            return
-        columns = [self.text_field] + ([self.id_field] if self.id_field else [])
-        number = 0
+        lines = _iter_lines(f, head, _COMPRESSED_CHUNK_BYTES if codec else _READ_CHUNK_BYTES)
+        for number, (line, whole) in enumerate(lines, start=1):
+            if not whole:
+                yield _row(f"{path}:{number}", line.decode("utf-8", "replace"), T.REJECT_TOO_LONG, number)
+                continue
+            record_id, text, reason = parse_line(line, fmt, text_field, id_field)
+            yield _row(record_id or f"{path}:{number}", text, reason, number)
+    except (OSError, pa.ArrowException) as error:
+        if codec is None:  # storage errors arrive as UserError: only a decompressor's error can be here
+            raise
+        # A truncated or corrupt compressed file: keep the lines before it, and say how many they were.
+        text = f"corrupt {codec} stream after {number:,} lines of this file; the rest is lost: {error}"
+        yield _row(f"{path}:{number + 1}", text, T.REJECT_UNREADABLE, number + 1)
+
+
+def _parquet_rows(
+    file: ResumableFile, path: str, text_field: str, id_field: str | None
+) -> Iterator[tuple[str, str, str, int]]:
+    import pyarrow.parquet as pq
+
+    codec = _codec(path)
+    try:
+        source = pa.PythonFile(file, mode="r")  # random access: row groups stream, never the whole file
+        if codec:  # a compressed stream has no random access; decompress it whole
+            buffered = pa.BufferedInputStream(source, _REQUEST_BYTES)
+            source = pa.BufferReader(pa.CompressedInputStream(buffered, codec).read())
+        parquet = pq.ParquetFile(source)
+    except (pa.ArrowInvalid, OSError):
+        yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
+        return
+    if text_field not in parquet.schema_arrow.names:
+        for number in range(1, parquet.metadata.num_rows + 1):
+            yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD, number)
+        return
+    columns = [text_field] + ([id_field] if id_field else [])
+    number = 0
+    try:
         for batch in parquet.iter_batches(columns=columns):
-            ids = _column_values(batch.column(self.id_field)) if self.id_field else [None] * batch.num_rows
-            for value, record_id in zip(_column_values(batch.column(self.text_field)), ids):
+            ids = _column_values(batch.column(id_field)) if id_field else [None] * batch.num_rows
+            for value, record_id in zip(_column_values(batch.column(text_field)), ids):
                 number += 1
-                if isinstance(record_id, bytes):
-                    record_id = record_id.decode("utf-8", "replace")
-                record_id = str(record_id) if record_id is not None else f"{path}:{number}"
-                if not isinstance(value, bytes):
-                    yield _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT, number)
-                    continue
-                try:
-                    yield _row(record_id, value.decode("utf-8"), "", number)
-                except UnicodeDecodeError:
-                    yield _row(record_id, value.decode("utf-8", "replace"), T.REJECT_INVALID_UTF8, number)
+                yield _parquet_row(value, record_id, path, number)
+    except (OSError, pa.ArrowException) as error:  # a corrupt row group (storage errors come as UserError)
+        raise UserError(f"corpus file {path} is corrupt after row {number:,}: {_one_line(error)}") from error
+
+
+def _codec(path: str) -> str | None:
+    """pyarrow's codec name for a compressed file's suffix, None for an uncompressed file."""
+    return _CODECS.get(path.rsplit(".", 1)[-1].lower())
+
+
+def _parquet_row(value: bytes | None, record_id, path: str, number: int) -> tuple[str, str, str, int]:
+    """One parquet record as a row: its text as bytes (see _column_values), its id any value or None."""
+    if isinstance(record_id, bytes):
+        record_id = record_id.decode("utf-8", "replace")
+    record_id = str(record_id) if record_id is not None else f"{path}:{number}"
+    if not isinstance(value, bytes):
+        return _row(record_id, "" if value is None else repr(value), T.REJECT_NOT_TEXT, number)
+    try:
+        return _row(record_id, value.decode("utf-8"), "", number)
+    except UnicodeDecodeError:
+        return _row(record_id, value.decode("utf-8", "replace"), T.REJECT_INVALID_UTF8, number)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # storage errors can span lines; the CLI prints one
 
 
 def _column_values(column: pa.Array) -> list:
@@ -299,13 +438,13 @@ def _looks_binary(head: bytes) -> bool:
     return bad - 3 > _BINARY_HEAD_FRACTION * len(text)
 
 
-def _iter_lines(f: pa.NativeFile, head: bytes = b"") -> Iterator[tuple[bytes, bool]]:
-    """(line without its ending, whole?) of a binary stream read in 1 MiB chunks, after the bytes in `head`.
+def _iter_lines(f: pa.NativeFile, head: bytes, chunk_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """(line without its ending, whole?) of a binary stream read in chunks, after the bytes in `head`.
 
     A line over _MAX_LINE_BYTES comes back once, cut to the preview length, with whole=False; the rest of it
     streams past without being kept."""
     rest, skipping = b"", False
-    chunk = head or f.read(_READ_CHUNK_BYTES)
+    chunk = head or f.read(chunk_bytes)
     while chunk:
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
@@ -319,7 +458,7 @@ def _iter_lines(f: pa.NativeFile, head: bytes = b"") -> Iterator[tuple[bytes, bo
         elif len(rest) > _MAX_LINE_BYTES:
             yield rest[:REJECT_PREVIEW_CHARS], False
             rest, skipping = b"", True
-        chunk = f.read(_READ_CHUNK_BYTES)
+        chunk = f.read(chunk_bytes)
     if rest and not skipping:
         yield rest.removesuffix(b"\r"), True
 

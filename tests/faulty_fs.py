@@ -1,12 +1,12 @@
-"""A fault-injecting pyarrow filesystem for tests: a real filesystem (local by default) whose chosen calls fail.
+"""A fault-injecting pyarrow filesystem for tests: a real one (local by default) whose chosen calls fail.
 
-    fs = faulty_filesystem(Fault("read", "*/a.jsonl", after_bytes=100_000))  # one read error 100 kB into a.jsonl
+    fs = faulty_filesystem(Fault("read", "*/a.jsonl", after_bytes=100_000))  # a read error 100 kB in
     read_corpus(CorpusFiles([str(path)], fs))
 
-A Fault names an operation and a path pattern; the `nth` matching call (1-based) and the `times - 1` after it fail
-with OSError(message) (a read fault with eof=True returns b"" instead: a connection that ends early without error).
-Calls are counted in files under a state folder, so the copies pickled into Ray tasks, retried ones included, share
-one count per machine and a fault with times=1 really is transient. `calls(i)` says how often fault i matched.
+A Fault names an operation and a path pattern; the `nth` matching call (1-based) and the `times - 1` after it
+fail with OSError(message) (a read fault with eof=True returns b"" instead: a connection ending early, no
+error). Calls are counted in files under a state folder, so the copies pickled into Ray tasks, retried ones
+too, share one count per machine: times=1 really is transient. `handler.calls(i)`: how often fault i matched.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-# open_input: open_input_stream/open_input_file; open_output: open_output_stream/open_append_stream; delete_dir:
-# delete_dir/delete_dir_contents; info: get_file_info (a file list or a selector's base folder).
+# open_input: open_input_stream/open_input_file; open_output: open_output_stream/open_append_stream;
+# delete_dir: delete_dir/delete_dir_contents; info: get_file_info (a file list or a selector's base folder).
 OPERATIONS = ("open_input", "read", "open_output", "write", "move", "copy", "delete_dir", "delete_file",
               "create_dir", "info")  # fmt: skip
 
@@ -31,7 +31,7 @@ class Fault:
     path: str = "*"  # fnmatch pattern over the path (both paths of a move/copy are tried)
     nth: int = 1  # the first matching call that fails
     times: int = 1  # how many matching calls fail from the nth on; a large number makes the fault persistent
-    after_bytes: int = 0  # read/write only: calls match from this byte of the file on (reads stop short at it)
+    after_bytes: int = 0  # read/write only: calls match from this byte on (reads stop short at it)
     message: str = "injected I/O error (as a GCS 503 or an HDFS timeout would say)"
     eof: bool = False  # read only: return b"" (a premature end of file) instead of raising
 
@@ -46,14 +46,18 @@ def faulty_filesystem(
     state_dir: str | None = None,
 ) -> pafs.PyFileSystem:
     """A picklable filesystem over `base` (default: local) with `faults`; every read returns at most
-    `max_read_bytes` (short reads, legal and rare) when set. `state_dir` (default: a new temp folder) holds counts."""
-    handler = FaultyHandler(base or pafs.LocalFileSystem(), faults, max_read_bytes, state_dir or tempfile.mkdtemp())
-    return pafs.PyFileSystem(handler)
+    `max_read_bytes` (short reads, legal and rare) when set. `state_dir` (default: a new temp folder) holds
+    the counts."""
+    base = base or pafs.LocalFileSystem()
+    return pafs.PyFileSystem(FaultyHandler(base, faults, max_read_bytes, state_dir or tempfile.mkdtemp()))
 
 
 class FaultyHandler(pafs.FileSystemHandler):
+    """Every call asks check() first, then goes to `base`; files are wrapped so reads and writes ask too."""
+
     def __init__(self, base: pafs.FileSystem, faults, max_read_bytes: int | None, state_dir: str):
-        self.base, self.faults, self.max_read_bytes, self.state_dir = base, tuple(faults), max_read_bytes, state_dir
+        self.base, self.faults, self.state_dir = base, tuple(faults), state_dir
+        self.max_read_bytes = max_read_bytes
 
     def __reduce__(self):
         return FaultyHandler, (self.base, self.faults, self.max_read_bytes, self.state_dir)
@@ -140,11 +144,13 @@ class FaultyHandler(pafs.FileSystemHandler):
 
     def open_output_stream(self, path, metadata):
         self.check("open_output", path)
-        return pa.PythonFile(_FaultyFile(self.base.open_output_stream(path, metadata=metadata), self, path), mode="w")
+        stream = self.base.open_output_stream(path, metadata=metadata)
+        return pa.PythonFile(_FaultyFile(stream, self, path), mode="w")
 
     def open_append_stream(self, path, metadata):
         self.check("open_output", path)
-        return pa.PythonFile(_FaultyFile(self.base.open_append_stream(path, metadata=metadata), self, path), mode="w")
+        stream = self.base.open_append_stream(path, metadata=metadata)
+        return pa.PythonFile(_FaultyFile(stream, self, path), mode="w")
 
 
 class _FaultyFile:
@@ -158,7 +164,8 @@ class _FaultyFile:
         if self.handler.check("read", self.path, position=self.position):
             return b""
         # Stop short of the next fault's byte, so the bytes before it always arrive and the fault fires there.
-        limits = [f.after_bytes - self.position for f in self.handler.faults if f.after_bytes > self.position]
+        faults = self.handler.faults
+        limits = [f.after_bytes - self.position for f in faults if f.op == "read" and f.after_bytes > self.position]
         limits += [nbytes] if nbytes >= 0 else []
         limits += [self.handler.max_read_bytes] if self.handler.max_read_bytes else []
         data = self.inner.read(min(limits) if limits else None)
@@ -169,10 +176,13 @@ class _FaultyFile:
         self.position = self.inner.seek(offset, whence)
         return self.position
 
+    def tell(self) -> int:
+        return self.position
+
     def write(self, data) -> int:
         self.handler.check("write", self.path, position=self.position)
         self.position += len(data)
         return self.inner.write(data)
 
-    def __getattr__(self, name: str):  # seek, tell, size, flush, close, closed, readable, ...: the real file's
+    def __getattr__(self, name: str):  # size, flush, close, closed, readable...: the real file's
         return getattr(self.inner, name)
