@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         user_error = _find_user_error(error)
         if user_error is None:
             raise
-        print(f"jbert {args.command}: error: {user_error}", file=sys.stderr)
+        # First line only: Ray Data appends its own retry advice on new lines.
+        print(f"jbert {args.command}: error: {str(user_error).splitlines()[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
@@ -51,14 +52,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _find_user_error(error: BaseException) -> UserError | None:
-    # Ray wraps exceptions raised in tasks and actors; the user's mistake is in the chain.
-    seen = set()
+    # Ray wraps exceptions raised in tasks and actors (RayTaskError(UserError) is itself a UserError, whose text is
+    # the remote traceback): the innermost UserError of the chain is the user's mistake.
+    found, seen = None, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, UserError):
-            return error
+            found = error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+    return found
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from jbert_ray import corpus
+from jbert_ray.cli import _find_user_error
 from jbert_ray.corpus import CorpusFiles, read_corpus
 from jbert_ray.errors import UserError
 from tests.conftest import SAMPLE_PATH
@@ -28,8 +29,8 @@ def test_a_read_task_retries_a_transient_error_and_fails_a_persistent_one_naming
     broken = faulty_filesystem(Fault("read", after_bytes=1_000_000, times=9))
     with pytest.raises(UserError) as failure:  # Ray's RayTaskError(UserError): the CLI catches it
         read_corpus(CorpusFiles([str(path)], broken)).take_all()
-    # TODO(issue-24): cli._find_user_error returns Ray's wrapper, whose str() is a traceback; the message is
-    # its .cause's first line (Ray Data appends retry advice on lines of its own).
-    message = str(failure.value.cause).splitlines()[0]
+    # What `jbert` prints: the innermost UserError (the wrapper's text is a traceback), its first line (Ray Data
+    # appends retry advice on lines of its own).
+    message = str(_find_user_error(failure.value)).splitlines()[0]
     assert message.startswith(f"cannot read corpus file {path} at byte 1,000,000: injected I/O error")
     assert message.endswith("then run again)") and "(2 attempts in " in message
