@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,8 +14,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from jbert_ray.cli import main
+from jbert_ray.corpus import REJECT_PREVIEW_CHARS
 from jbert_ray.storage import Store, local_copy
-from jbert_ray.tokenizer import JapaneseTokenizer
+from jbert_ray.text import clean_text
+from jbert_ray.tokenizer import JapaneseTokenizer, build_tagger
+from jbert_ray.vocab import BoundedCounts
 from tests.conftest import REPO, read_sample
 
 pytestmark = pytest.mark.ray
@@ -88,6 +92,50 @@ def test_overwrite_replaces_only_an_earlier_vocab_output(ray_cluster, planted_co
     assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--vocab-size", "800"]) == 0
     assert (out / "vocab.txt").read_text() != first
+
+
+def test_driver_counts_stay_under_the_cap_and_keep_the_frequent_words(
+    ray_cluster, planted_corpus, tmp_path, monkeypatch, capsys
+):
+    sizes = []  # distinct words the driver holds after each batch (main runs the driver in this process)
+    update = BoundedCounts.update
+
+    def recording_update(self, words, counts):
+        update(self, words, counts)
+        sizes.append(len(self.counts))
+
+    monkeypatch.setattr(BoundedCounts, "update", recording_update)
+    out = tmp_path / "tok"
+    assert main(["vocab", "--input", str(planted_corpus), "--out", str(out), "--vocab-size", "3000",
+                 "--max-distinct-words", "1000", "--batch-size", "100", "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((out / "vocab_summary.json").read_text())
+    assert max(sizes) <= 1000 and summary["unique_words"] <= 1000
+    assert summary["pruned_words"] > 1000 and summary["pruned_below"] >= 2
+    assert f"dropped {summary['pruned_words']:,} counted fewer than" in capsys.readouterr().err
+    tagger = build_tagger("unidic_lite")
+    counts = Counter(w for t in read_sample(1500) for w in tagger.parse(clean_text(t)[0]).split())
+    vocab = set((out / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    assert {word for word, _ in counts.most_common(100)} <= vocab
+
+
+def test_pruning_drops_whole_counts_of_the_rarest_words():
+    counts = BoundedCounts(max_words=4)
+    counts.update(["a", "b", "c", "d"], [5, 3, 3, 1])
+    counts.update(["e"], [1])  # 5 words > 4: keep at most 2, and the two words counted 3 go together
+    assert counts.counts == {"a": 5} and counts.pruned_below == 5
+    assert (counts.pruned_words, counts.pruned_occurrences) == (4, 8)
+
+
+def test_a_huge_rejected_record_keeps_only_a_preview(ray_cluster, tmp_path):
+    huge = "東京は日本の首都です。" * 10_000  # 110,000 characters
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in [*read_sample(50), huge]]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["vocab", "--input", str(corpus), "--out", str(out), "--vocab-size", "500",
+                 "--max-record-chars", "50000", "--no-progress"]) == 0  # fmt: skip
+    [reject] = [json.loads(line) for line in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["reason"] == "too_long" and reject["record"] == huge[:REJECT_PREVIEW_CHARS]
 
 
 @pytest.mark.parametrize(
