@@ -210,6 +210,7 @@ def _pretrain(job: PreparedPretraining) -> dict:
             "tokenizer_dir": str(shards.tokenizer_dir),
             "has_valid": has_valid,
             "torch_threads": threads,
+            "max_seq_len": shards.max_seq_len,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -312,6 +313,9 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu" and config["torch_threads"]:
         torch.set_num_threads(config["torch_threads"])
     tokenizer = JapaneseTokenizer.from_pretrained(local_copy(config["tokenizer_dir"]))
+    # The export says how long its inputs were: scoring and serving then read long texts in windows of that
+    # length, not of the position table's 512 (a 512-token window costs 4× a 128-token one per scored token).
+    tokenizer.model_max_length = min(tokenizer.model_max_length, config["max_seq_len"])
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as checkpoint_dir:

@@ -91,6 +91,11 @@ def test_loss_falls_and_the_run_dir_holds_metrics_curves_and_a_fill_mask_model(f
     predictions = pipeline("fill-mask", model=model_dir, tokenizer=tokenizer)("東京は日本の[MASK]です。")
     assert len(predictions) == 5
     assert rows[-1]["tokens"] > rows[0]["tokens"] > 0 and rows[-1]["elapsed_s"] > rows[0]["elapsed_s"] > 0
+    # Long texts are scored in windows of the length the model was trained on, not of its 512 positions.
+    from jbert_ray.inference import MaskedLM
+
+    assert MaskedLM.from_pretrained(model_dir).max_length == MAX_SEQ_LEN
+    assert not list((first_run).glob("model.*"))  # the export's .new/.old copies are gone
 
 
 def test_relative_paths_work_although_workers_run_elsewhere(ray_cluster, shards, tmp_path, monkeypatch):
