@@ -56,7 +56,9 @@ def _run_vocab(args: argparse.Namespace) -> None:
     print(
         f"vocab: read {summary['records_read']:,} records, kept {summary['records_kept']:,}, "
         f"rejected {summary['records_rejected']:,} ({rejected}); {summary['words']:,} words "
-        f"({summary['unique_words']:,} distinct); vocab size {summary['vocab_size']:,}; "
+        f"({summary['unique_words']:,} distinct trained on"
+        + (f", {summary['pruned_words']:,} rare ones dropped" if summary.get("pruned_words") else "")
+        + f"); vocab size {summary['vocab_size']:,}; "
         f"{summary['seconds']:.1f} s → {config.output_dir}"
     )
 
