@@ -116,7 +116,8 @@ class Store:
         return sorted(i.path[len(self.path) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
     def read_bytes(self, relative: str) -> bytes:
-        with self.filesystem.open_input_stream(self.full(relative)) as stream:
+        """The file's bytes as stored (pyarrow would otherwise decompress a `.gz` by its name)."""
+        with self.filesystem.open_input_stream(self.full(relative), compression=None) as stream:
             return stream.read()
 
     def read_text(self, relative: str) -> str:
@@ -141,12 +142,12 @@ class Store:
         target = self.full(relative)
         self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.filesystem.type_name in _WHOLE_PUT_STORES:
-            with self.filesystem.open_output_stream(target) as stream:
+            with self.filesystem.open_output_stream(target, compression=None) as stream:
                 stream.write(data)
             return
         tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
         if self.is_remote:  # HDFS and the like: no atomic put, but an atomic rename
-            with self.filesystem.open_output_stream(tmp) as stream:
+            with self.filesystem.open_output_stream(tmp, compression=None) as stream:
                 stream.write(data)
             self.filesystem.move(tmp, target)
             return

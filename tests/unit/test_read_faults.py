@@ -113,3 +113,16 @@ def test_the_faulty_filesystem_fails_the_nth_matching_write_move_and_delete_once
         filesystem.delete_dir(str(tmp_path / "d"))
     copy.delete_dir(str(tmp_path / "d"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "b.jsonl.gz"])
+def test_a_transient_error_on_the_s3_server_is_retried_too(corpus_dir, name, s3_bucket):
+    from jbert_ray.storage import Store
+
+    store = Store(s3_bucket("corpus"))
+    store.write_bytes(name, (corpus_dir / name).read_bytes())
+    size = (corpus_dir / name).stat().st_size
+    filesystem = faulty_filesystem(Fault("read", after_bytes=size // 2, times=2), base=store.filesystem)
+    rows = read_all(filesystem, store.full(name))
+    assert filesystem.handler.calls(0) >= 2
+    assert [r[1:] for r in rows] == [r[1:] for r in read_all(pafs.LocalFileSystem(), corpus_dir / name)]

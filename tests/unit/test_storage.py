@@ -145,3 +145,13 @@ def test_the_cache_is_private_and_evicts_the_least_recently_used_copy(s3_bucket,
         time.sleep(0.05)  # distinct modification times: the order of use
     assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
     assert [c.exists() for c in copies] == [False, True, True]  # a went first
+
+
+def test_bytes_are_stored_as_given_whatever_the_file_name(store):
+    import gzip
+
+    data = gzip.compress("東京は日本の首都です。\n".encode())
+    store.write_bytes("corpus/a.jsonl.gz", data)  # pyarrow compresses by extension unless told not to
+    assert store.read_bytes("corpus/a.jsonl.gz") == data
+    with store.filesystem.open_input_file(store.full("corpus/a.jsonl.gz")) as f:
+        assert f.read() == data
