@@ -15,6 +15,7 @@ import copy
 import fnmatch
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -355,15 +356,25 @@ def _parquet_rows(
     import pyarrow.parquet as pq
 
     codec = _codec(path)
-    try:
-        source = pa.PythonFile(file, mode="r")  # random access: row groups stream, never the whole file
-        if codec:  # a compressed stream has no random access; decompress it whole
-            buffered = pa.BufferedInputStream(source, _REQUEST_BYTES)
-            source = pa.BufferReader(pa.CompressedInputStream(buffered, codec).read())
-        parquet = pq.ParquetFile(source)
-    except (pa.ArrowInvalid, OSError):
-        yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
-        return
+    with tempfile.TemporaryFile(prefix="jbert-parquet-") as spill:
+        try:
+            source = pa.PythonFile(file, mode="r")  # random access: row groups stream, never the whole file
+            if codec:  # a compressed stream has no random access: decompress it to local disk, not to memory
+                stream = pa.CompressedInputStream(pa.BufferedInputStream(source, _REQUEST_BYTES), codec)
+                for chunk in iter(lambda: stream.read(_REQUEST_BYTES), b""):
+                    spill.write(chunk)
+                spill.seek(0)
+                source = pa.PythonFile(spill, mode="r")
+            parquet = pq.ParquetFile(source)
+        except (pa.ArrowInvalid, OSError):
+            yield _row(f"{path}:1", "", T.REJECT_BINARY, 1)
+            return
+        yield from _parquet_records(parquet, path, text_field, id_field)
+
+
+def _parquet_records(
+    parquet, path: str, text_field: str, id_field: str | None
+) -> Iterator[tuple[str, str, str, int]]:
     if text_field not in parquet.schema_arrow.names:
         for number in range(1, parquet.metadata.num_rows + 1):
             yield _row(f"{path}:{number}", "", T.REJECT_MISSING_FIELD, number)

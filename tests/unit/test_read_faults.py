@@ -126,3 +126,12 @@ def test_a_transient_error_on_the_s3_server_is_retried_too(corpus_dir, name, s3_
     rows = read_all(filesystem, store.full(name))
     assert filesystem.handler.calls(0) >= 2
     assert [r[1:] for r in rows] == [r[1:] for r in read_all(pafs.LocalFileSystem(), corpus_dir / name)]
+
+
+def test_a_compressed_parquet_file_is_read_whole_through_a_local_spill(corpus_dir, tmp_path):
+    path = tmp_path / "d.parquet.gz"
+    path.write_bytes(gzip.compress((corpus_dir / "d.parquet").read_bytes()))
+    rows = read_all(pafs.LocalFileSystem(), path)
+    assert [r[1] for r in rows] == read_sample() and not any(reject for _, _, reject, _ in rows)
+    (tmp_path / "e.parquet.gz").write_bytes(gzip.compress(b"not a parquet file" * 100))
+    assert [r[2] for r in read_all(pafs.LocalFileSystem(), tmp_path / "e.parquet.gz")] == [T.REJECT_BINARY]
