@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +29,7 @@ from jbert_ray.shard_records import SPLITS, batch_key, build_manifest, line_rang
 from jbert_ray.shards import ShardsDir, file_sha256
 from jbert_ray.storage import Store, endpoint_uri, is_uri, local_copy
 from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
-from jbert_ray.tokenizer import JapaneseTokenizer
+from jbert_ray.tokenizer import JapaneseTokenizer, installed_dictionary
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 # One reader parses JSON ~100× faster than an actor tokenizes; more concurrent reads only add memory
@@ -73,10 +74,15 @@ class PreprocessConfig:
 class ShardWriter:
     """Ray Data callable: a batch of corpus records → shard files in staging + one summary row."""
 
-    def __init__(self, config: dict, doc_root: str, run_token: str):
+    def __init__(self, config: dict, doc_root: str, run_token: str, dictionary: dict):
         self.config = PreprocessConfig.from_dict(config)
         # One tagger per actor; a remote tokenizer dir is fetched once per node (the actor may be on another one).
         self.tokenizer = JapaneseTokenizer.from_pretrained(local_copy(self.config.tokenizer_dir))
+        here = installed_dictionary(self.tokenizer.mecab_dic)
+        if (here["name"], here["version"]) != (dictionary["name"], dictionary["version"]):  # splits would differ
+            raise UserError(f"{socket.gethostname()} has MeCab dictionary {here['name']} {here['version']} "
+                            f"({here['package']}) but the driver {dictionary['name']} {dictionary['version']} "
+                            f"({dictionary['package']}): install one version on every node")  # fmt: skip
         # clean_text has applied NFKC already; it is idempotent, so the tokenizer's own pass can be skipped.
         if self.config.text.normalization.upper() == "NFKC":
             self.tokenizer.normalize_text = False
@@ -193,6 +199,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files:
     shards.check_run_config(run_config)
     done = shards.recover()  # done records of an interrupted run (empty on a fresh one)
     run_token = shards.start_run()
+    dictionary = installed_dictionary(JapaneseTokenizer.from_pretrained(local_copy(config.tokenizer_dir)).mecab_dic)
     _copy_tokenizer(local_copy(config.tokenizer_dir), shards)
     shards.make_folders(("train", "rejects") + (("valid",) if config.valid_fraction else ()))
     _check_pool_fits(config.num_actors)
@@ -205,6 +212,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files:
         ShardWriter,
         fn_constructor_kwargs={
             "config": asdict(config), "doc_root": _common_root(files.paths), "run_token": run_token,
+            "dictionary": dictionary,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -220,7 +228,7 @@ def _run(shards: ShardsDir, config: PreprocessConfig, tokenizer_sha: str, files:
     shards.prune()  # files of a retried or cut-short batch that no done record names are not published
     manifest = build_manifest(
         shards.done_records(), asdict(config), tokenizer_sha,
-        run_config=run_config, resumed=bool(done), seconds=progress.elapsed_s,
+        run_config=run_config, resumed=bool(done), seconds=progress.elapsed_s, mecab_dictionary=dictionary,
     )  # fmt: skip
     if manifest["records_read"] == 0:
         raise UserError(f"corpus {config.input} is empty: no records")

@@ -88,6 +88,7 @@ def test_shards_have_the_contract_schema_and_manifest(sample_run, tokenizer_dir)
                 "sequences", "tokens", "tokenizer_sha256", "config", "padding_waste", "splits"):  # fmt: skip
         assert key in manifest
     assert manifest["config"]["max_seq_len"] == 32
+    assert manifest["mecab_dictionary"]["name"] == "unidic_lite"  # every node's actors checked theirs against it
     assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(
         ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
     )

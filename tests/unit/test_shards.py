@@ -104,12 +104,17 @@ def test_a_worker_of_an_earlier_run_commits_nothing(location, tmp_path, tokenize
     import numpy as np
 
     from jbert_ray.preprocess import PreprocessConfig, ShardWriter
+    from jbert_ray.tokenizer import JapaneseTokenizer, installed_dictionary
 
     shards = ShardsDir.open(location("out"))
     tokenizer = location("tokenizer")
     Store(tokenizer).upload(tokenizer_dir)  # a remote one is fetched by the worker itself
     config = PreprocessConfig(input="c.jsonl", tokenizer_dir=tokenizer, output_dir=str(shards.root))
-    writer = ShardWriter(asdict(config), str(tmp_path), shards.start_run())
+    dictionary = installed_dictionary(JapaneseTokenizer.from_pretrained(tokenizer_dir).mecab_dic)
+    other = {**dictionary, "version": "0.9", "package": "unidic-lite==0.0.1"}  # what another node could have
+    with pytest.raises(UserError, match=r"has MeCab dictionary unidic_lite \S+ .* but the driver unidic_lite 0.9"):
+        ShardWriter(asdict(config), str(tmp_path), shards.start_run(), other)
+    writer = ShardWriter(asdict(config), str(tmp_path), shards.start_run(), dictionary)
     texts = ["東京は日本の首都です。大阪は大きな都市です。", "   "]
     batch = {
         "record_id": np.array([f"{tmp_path}/c.jsonl:{i}" for i in (1, 2)], dtype=object),
