@@ -229,12 +229,12 @@ def test_shards_from_another_tokenizer_are_refused(shards, tmp_path, capsys):
     )
 
 
-def test_empty_shards_are_refused(shards, tmp_path, capsys):
+def test_shards_whose_files_are_gone_are_refused(shards, tmp_path, capsys):
     empty = shutil.copytree(shards, tmp_path / "empty", ignore=shutil.ignore_patterns("*.parquet"))
     expect_user_error(
         capsys,
         pretrain_argv(empty, tmp_path / "o"),
-        "no training sequences",
+        "holds 0 files with 0 sequences but the manifest says",  # checked against the manifest: files were lost
     )
 
 
