@@ -13,9 +13,13 @@ from jbert_ray.storage import Store
 
 
 @pytest.fixture(params=["local", "s3"])
-def location(request, tmp_path):
+def location(request, tmp_path, monkeypatch):
     """Where outputs go: a function of a relative name giving a local path or an s3:// URI."""
     if request.param == "s3":
+        import jbert_ray.outputs
+
+        # The lease's write-wait-read settles in 1 s against a remote store; the local server answers in ms.
+        monkeypatch.setattr(jbert_ray.outputs, "_LEASE_SETTLE_S", 0.05)
         return request.getfixturevalue("s3_bucket")
     return lambda name: str(tmp_path / name)
 
