@@ -2,8 +2,10 @@
 
 PLL follows Salazar et al. 2020, "Masked Language Model Scoring" (mask each token in turn, sum log p(token));
 the "pll-word-l2r" variant also masks the rest of the token's MeCab word to its right (Kauf & Ivanova 2023,
-"A Better Way to Do Masked Language Model Scoring"). Masked copies of many texts are bucketed by length and packed
-into large batches, and the output layer runs only at the positions read. Serve replicas and the offline scorer
+"A Better Way to Do Masked Language Model Scoring"); "pll-strided" masks every k-th token at once and reads
+them all, so a text costs k forward passes instead of one per token (bench/score_methods.py measures how close
+it stays). Masked copies of many texts are bucketed by length and packed into large batches, and the output
+layer runs only at the positions read. Serve replicas and the offline scorer
 both use `MaskedLM`, so this module alone decides what the model predicts.
 """
 
@@ -20,7 +22,7 @@ from jbert_ray.errors import UserError
 from jbert_ray.text import TextConfig, clean_text
 from jbert_ray.tokenizer import Encoding, JapaneseTokenizer
 
-PLL_METHODS = ("pll", "pll-word-l2r")
+PLL_METHODS = ("pll", "pll-word-l2r", "pll-strided")
 LONG_TEXT_POLICIES = ("window", "error")
 
 
@@ -48,12 +50,15 @@ class InferenceConfig:
     )
     window_stride: int = 0  # tokens between window starts; 0 = half a window (every token keeps ≥ ¼ context)
     max_length: int = 0  # tokens incl. [CLS]/[SEP]; 0 = min(model max positions, tokenizer model_max_length)
+    mask_stride: int = 8  # "pll-strided": passes per window, each masking every k-th token (bench/score_methods.py)
 
     def __post_init__(self):
         if self.long_text not in LONG_TEXT_POLICIES:
             raise UserError(f"long_text={self.long_text!r}; use one of {LONG_TEXT_POLICIES}")
         if min(self.max_batch_tokens, self.max_batch_size - 1, self.window_stride, self.max_length) < 0:
             raise UserError("max_batch_tokens, window_stride and max_length must be ≥ 0, max_batch_size ≥ 1")
+        if self.mask_stride < 1:
+            raise UserError(f"mask_stride must be ≥ 1 (1 masks all tokens in one pass), not {self.mask_stride}")
 
 
 class TextTooLongError(UserError):
@@ -107,11 +112,15 @@ class MaskedLM:
 
         model_dir: a local path, or a URI (s3://…) fetched once per node into a local cache (`storage.local_copy`).
 
-        dtype: None/"float32" (default), "bfloat16" or "float16" weights; scores are computed in float32 anyway.
+        dtype: None/"float32" (default), "bfloat16" or "float16" weights; "auto" = bfloat16 on CUDA and on
+        CPUs with native bf16 (AVX512-BF16, AMX), else float32 (emulated bf16 is slower), as pretraining decides.
+        Log-softmax runs in float32 anyway.
         """
-        from jbert_ray.checkpoint import load_model_dir
+        from jbert_ray.checkpoint import load_model_dir, resolve_device
         from jbert_ray.storage import is_uri, local_copy
 
+        if dtype == "auto":
+            dtype = auto_dtype(resolve_device(device))
         model, tokenizer = load_model_dir(local_copy(model_dir), device=device, dtype=dtype)
         location = str(model_dir) if is_uri(model_dir) else os.path.abspath(model_dir)
         return cls(model, tokenizer, config, model_dir=location)
@@ -173,31 +182,37 @@ class MaskedLM:
     # ---- pseudo-log-likelihood ----
 
     def score(self, texts: Sequence[str], method: str = "pll") -> list[TextScore]:
-        """PLL of each text: mask each token in turn (with "pll-word-l2r", also the rest of its word)."""
+        """PLL of each text: mask each token in turn ("pll"; "pll-word-l2r" also masks the rest of its word),
+        or every mask_stride-th token at once ("pll-strided": mask_stride passes per window, all read)."""
         if method not in PLL_METHODS:
             raise UserError(f"unknown scoring method {method!r}; use one of {PLL_METHODS}")
         texts = _as_texts(texts)
         encodings = self.encode(texts)
-        sequences, copies, targets, owners = [], [], [], []  # owners[c] = (text index, token index)
+        width, stride = self.max_length - 2, self.config.mask_stride
+        sequences, copies, targets, owners = [], [], [], []  # per read: target id, (text index, token index)
+        first_read = []  # first_read[c] = index of copy c's first read in targets/owners
         for text_index, encoding in enumerate(encodings):
             content, starts = encoding.ids[1:-1], encoding.word_start[1:-1]
             word_end = _word_ends(starts) if method == "pll-word-l2r" else range(1, len(content) + 1)
             for start, tokens in self._score_windows(text_index, len(content)):
-                sequences.append(self._with_specials(content[start : start + self.max_length - 2]))
-                window_end = start + self.max_length - 2
-                for j in tokens:
-                    masked = range(j - start + 1, min(word_end[j], window_end) - start + 1)
-                    copies.append(_Copy(len(sequences) - 1, tuple(masked), (j - start + 1,)))
-                    targets.append(content[j])
-                    owners.append((text_index, j))
+                sequences.append(self._with_specials(content[start : start + width]))
+                shift = 1 - start  # content position → position in the window's sequence (after [CLS])
+                for masked, read in _masked_copies(method, tokens, word_end, start + width, stride):
+                    at = tuple(p + shift for p in masked), tuple(p + shift for p in read)
+                    copies.append(_Copy(len(sequences) - 1, *at))
+                    first_read.append(len(targets))
+                    targets += [content[j] for j in read]
+                    owners += [(text_index, j) for j in read]
         token_pll = [[0.0] * (len(e.ids) - 2) for e in encodings]
         target_ids = self._torch.tensor(targets, dtype=self._torch.long, device=self.device)
         for copy_indices, logits, _ in self._logits_at(sequences, copies):
-            log_probs = self._torch.log_softmax(logits, dim=-1)  # (M, V), one read per copy
-            index = self._torch.as_tensor(copy_indices, device=self.device)
+            # logits rows follow the batch's copies, each copy's reads in order
+            reads = [first_read[c] + i for c in copy_indices for i in range(len(copies[c].read_at))]
+            log_probs = self._torch.log_softmax(logits, dim=-1)  # (M, V)
+            index = self._torch.as_tensor(reads, device=self.device)
             picked = log_probs.gather(1, target_ids[index].unsqueeze(1)).squeeze(1).tolist()
-            for copy_index, value in zip(copy_indices, picked):
-                text_index, j = owners[copy_index]
+            for read, value in zip(reads, picked):
+                text_index, j = owners[read]
                 token_pll[text_index][j] = value
         return [self._text_score(values, e.ids[1:-1]) for values, e in zip(token_pll, encodings)]
 
@@ -322,6 +337,24 @@ def _as_texts(texts: Sequence[str]) -> list[str]:
     if bad is not None:
         raise UserError(f"text {bad} is a {type(texts[bad]).__name__}, not a string")
     return texts
+
+
+def auto_dtype(device: str) -> str | None:
+    """"bfloat16" where the device computes bf16 natively (pretraining's test), else None (float32)."""
+    import torch
+
+    from jbert_ray.train_step import has_native_bf16
+
+    return "bfloat16" if has_native_bf16(torch.device(device)) else None
+
+
+def _masked_copies(
+    method: str, tokens: list[int], word_end: Sequence[int], window_end: int, stride: int
+) -> list[tuple[Sequence[int], list[int]]]:
+    """(content positions masked, positions read) per copy of a window; `tokens`: the positions it owns."""
+    if method == "pll-strided":  # pass r masks tokens r, r+k, r+2k, …: each token is masked in one pass
+        return [(tokens[r::stride], tokens[r::stride]) for r in range(min(stride, len(tokens)))]
+    return [(range(j, min(word_end[j], window_end)), [j]) for j in tokens]
 
 
 def _word_ends(word_start: list[bool]) -> list[int]:

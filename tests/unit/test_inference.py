@@ -3,9 +3,11 @@
 import json
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
+from jbert_ray import inference
 from jbert_ray.checkpoint import load_model_dir, save_model_dir
 from jbert_ray.errors import UserError
 from jbert_ray.inference import InferenceConfig, MaskedLM, TextTooLongError
@@ -40,6 +42,12 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def fidelity_texts(sample_texts, lm) -> list[str]:
+    """Sixty sample sentences of 12–40 tokens: longer than the stride tested, short enough to stay quick."""
+    return [t for t in sample_texts[:1000] if 12 <= len(lm.encode([t])[0].ids) <= 40][:60]
+
+
 def naive_pll(lm: MaskedLM, text: str, word_l2r: bool = False) -> list[float]:
     """The reference: one full forward per masked position, batch 1, full output layer."""
     with one_torch_thread():
@@ -59,6 +67,12 @@ def _naive_pll(lm: MaskedLM, text: str, word_l2r: bool) -> list[float]:
             logits = lm.model(torch.tensor([masked])).logits[0, j]
         out.append(torch.log_softmax(logits, -1)[ids[j]].item())
     return out
+
+
+def spearman(a, b) -> float:
+    """Pearson's r of the ranks (stable: a repeated text ranks the same way in both)."""
+    ranks = [np.argsort(np.argsort(values, kind="stable"), kind="stable") for values in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
 
 
 # ---- model directories ----
@@ -170,6 +184,71 @@ def test_word_l2r_differs_only_on_words_of_several_pieces(lm, short_texts):
                 assert a["token_pll"][i] == pytest.approx(b["token_pll"][i], abs=1e-5)
 
 
+def test_strided_with_a_stride_beyond_the_length_is_exact_pll(lm, short_texts, sample_texts):
+    # one token per pass: the same copies as "pll", so the same batches and the very same numbers
+    wide = MaskedLM(lm.model, lm.tokenizer, InferenceConfig(mask_stride=512))
+    assert wide.score(short_texts, method="pll-strided") == lm.score(short_texts)
+    windowed = MaskedLM(lm.model, lm.tokenizer, InferenceConfig(max_length=32, mask_stride=30))
+    long_text = ["".join(sample_texts[:10])]
+    assert windowed.score(long_text, method="pll-strided") == windowed.score(long_text)
+
+
+def test_strided_with_stride_one_masks_every_token_at_once(lm, short_texts):
+    one = MaskedLM(lm.model, lm.tokenizer, InferenceConfig(mask_stride=1))
+    for text, result in zip(short_texts, one.score(short_texts, method="pll-strided")):
+        ids = lm.encode([text])[0].ids
+        masked = [ids[0], *[lm.tokenizer.mask_token_id] * (len(ids) - 2), ids[-1]]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(lm.model(torch.tensor([masked])).logits[0], -1)  # (T, V)
+        expected = [log_probs[j, ids[j]].item() for j in range(1, len(ids) - 1)]
+        assert result["token_pll"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_strided_costs_k_copies_per_text(lm, short_texts, monkeypatch):
+    counts, logits_at = [], MaskedLM._logits_at
+
+    def counted(self, sequences, copies):
+        counts.append(len(copies))  # copies = forward rows: one per pass, whatever the batching
+        return logits_at(self, sequences, copies)
+
+    monkeypatch.setattr(MaskedLM, "_logits_at", counted)
+    strided = MaskedLM(lm.model, lm.tokenizer, InferenceConfig(mask_stride=4))
+    strided.score(short_texts, method="pll-strided")
+    assert counts == [sum(min(4, len(lm.encode([t])[0].ids) - 2) for t in short_texts)]
+
+
+FIDELITY_BOUND = 0.88  # token-level Spearman at k=8 on the random tiny model: 0.92-0.93 seen; broken reads ≤ 0.84
+
+
+def test_strided_ranks_tokens_like_exact_pll_and_a_broken_variant_does_not(lm, fidelity_texts, monkeypatch):
+    exact = lm.score(fidelity_texts)
+    strided = MaskedLM(lm.model, lm.tokenizer, InferenceConfig(mask_stride=8))
+
+    def fidelity() -> tuple[float, float]:
+        """Spearman vs exact PLL over every token, and over texts' pll_per_token."""
+        fast = strided.score(fidelity_texts, method="pll-strided")
+        per_token = [np.concatenate([r["token_pll"] for r in results]) for results in (fast, exact)]
+        per_text = [[r["pll_per_token"] for r in results] for results in (fast, exact)]
+        return spearman(*per_token), spearman(*per_text)
+
+    # A random model's log-probabilities follow the token more than its context, so the text averages of even a
+    # broken variant correlate well; per token, reads of the wrong positions fall well below the bound.
+    per_token, per_text = fidelity()
+    assert per_token >= FIDELITY_BOUND and per_text >= 0.85
+    real = inference._masked_copies
+    for broken in (
+        lambda *args: [(masked, [min(p + 1, args[1][-1]) for p in read]) for masked, read in real(*args)],
+        lambda *args: [([min(p + 1, args[1][-1]) for p in masked], read) for masked, read in real(*args)],
+    ):  # read the unmasked neighbour; mask the neighbour and read the token itself
+        monkeypatch.setattr(inference, "_masked_copies", broken)
+        assert fidelity()[0] < FIDELITY_BOUND
+
+
+def test_mask_stride_below_one_is_rejected():
+    with pytest.raises(UserError, match="mask_stride must be ≥ 1"):
+        InferenceConfig(mask_stride=0)
+
+
 def test_empty_text_scores_zero(lm):
     assert lm.score(["", "東京"])[0] == {
         "pll": 0.0, "pll_per_token": None, "n_tokens": 0, "unk_rate": 0.0, "token_pll": [], "tokens": []
@@ -227,6 +306,15 @@ def test_bfloat16_weights_score_close_to_float32(tiny_model_dir, lm, short_texts
     assert sum(differences) / len(differences) < 0.1
     with pytest.raises(UserError, match="unknown dtype"):
         MaskedLM.from_pretrained(tiny_model_dir, dtype="int3")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_is_bfloat16_only_where_the_chip_has_native_bf16(tiny_model_dir, monkeypatch, native):
+    from jbert_ray import train_step
+
+    monkeypatch.setattr(train_step, "has_native_bf16", lambda device: native and device.type == "cpu")
+    lm = MaskedLM.from_pretrained(tiny_model_dir, device="cpu", dtype="auto")
+    assert next(lm.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
 
 
 # ---- ModernBERT model directories ----
