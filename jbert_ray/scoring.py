@@ -71,7 +71,10 @@ class ScoreConfig:
     num_actors: int = 0  # scoring actors; 0 = one per CPU (or per GPU share with --gpus-per-actor)
     batch_size: int = 256  # rows per actor call (a block of the corpus; its masked copies are packed into forwards)
     gpus_per_actor: float = 0.0  # GPUs per scoring actor (0 = CPU)
-    method: Literal["pll", "pll-word-l2r"] = "pll"  # PLL, or PLL masking the rest of each word to the right
+    # docs/scoring.md gives each method's speed and fidelity
+    method: Literal["pll", "pll-word-l2r", "pll-strided"] = "pll"  # a pass per token; + the rest of its word; k passes
+    mask_stride: int = 0  # pll-strided: passes per text (k); 0 = the inference default
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU or a CPU with native bf16
     long_text: Literal["window", "error"] = (
         "window"  # longer than the model: sliding windows, or a too_long row
     )
@@ -90,8 +93,8 @@ class ScoreConfig:
             raise UserError(
                 "--batch-size and --rows-per-part must be ≥ 1, --num-actors and --gpus-per-actor ≥ 0"
             )
-        if self.flush_s <= 0 or self.max_tokens_per_row < 0:
-            raise UserError("--flush-s must be > 0 and --max-tokens-per-row ≥ 0")
+        if self.flush_s <= 0 or self.max_tokens_per_row < 0 or self.mask_stride < 0:
+            raise UserError("--flush-s must be > 0, --max-tokens-per-row and --mask-stride ≥ 0")
         if not 1 <= self.top_k <= 50:
             raise UserError(f"--top-k must be between 1 and 50, not {self.top_k}")
         if self.filter_below is not None and self.filter_percentile is not None:
@@ -112,7 +115,10 @@ class CorpusScorer:
         from jbert_ray.inference import InferenceConfig, MaskedLM
 
         self.config = ScoreConfig(**config)
-        self.lm = MaskedLM.from_pretrained(model_dir, config=InferenceConfig(long_text=self.config.long_text))
+        inference = InferenceConfig(long_text=self.config.long_text)
+        if self.config.mask_stride:
+            inference = replace(inference, mask_stride=self.config.mask_stride)
+        self.lm = MaskedLM.from_pretrained(model_dir, dtype=self.config.dtype, config=inference)
         self.max_tokens = self.config.max_tokens_per_row or 4 * self.lm.max_length
         self.out = Store(self.config.output_dir)
         self.run_token, self.counter = run_token, counter

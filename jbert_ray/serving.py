@@ -91,9 +91,10 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: StrictStr | None = Field(None, description=f"one text ({TEXT_HELP})")
     texts: list[StrictStr] | None = Field(None, description=f"several texts, batched together ({TEXT_HELP})")
-    method: Literal["pll", "pll-word-l2r"] = Field(
+    method: Literal["pll", "pll-word-l2r", "pll-strided"] = Field(
         "pll",
-        description="pll masks one token at a time; pll-word-l2r also the rest of its word to the right",
+        description="pll masks one token at a time; pll-word-l2r also the rest of its word to the right; "
+        "pll-strided every k-th token at once (k passes per text instead of one per token)",
     )
 
 

@@ -264,3 +264,18 @@ def test_a_row_over_max_tokens_per_row_is_too_long_even_with_windows(ray_cluster
     assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
                  "--max-tokens-per-row", "50", "--no-progress"]) == 0  # fmt: skip
     assert read_parts(out)["error"] == ["", "too_long"]
+
+
+def test_the_strided_method_scores_through_jbert_score_as_the_inference_core_does(corpus, tiny_model_dir, tmp_path):
+    from jbert_ray.inference import InferenceConfig
+
+    out = tmp_path / "out"
+    assert main(["score", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--method", "pll-strided", "--mask-stride", "4", "--filter-percentile", "10", "--no-progress"]) == 0
+    rows = read_parts(out)
+    scored = [(t, p) for t, p, e in zip(rows["text"], rows["pll"], rows["error"]) if not e]
+    lm = MaskedLM.from_pretrained(tiny_model_dir, device="cpu", config=InferenceConfig(mask_stride=4))
+    strided, exact = lm.score([t for t, _ in scored], "pll-strided"), lm.score([t for t, _ in scored])
+    assert [p for _, p in scored] == pytest.approx([s["pll"] for s in strided], abs=1e-4)
+    assert [p for _, p in scored] != pytest.approx([s["pll"] for s in exact], abs=1e-3)  # the method reached it
+    assert json.loads((out / "summary.json").read_text())["config"]["method"] == "pll-strided"

@@ -284,7 +284,8 @@ def test_bf16_replica_answers_close_to_float32(serve_url, extra_app, sample_text
     assert filled.status_code == 200 and [len(p) for p in filled.json()["predictions"]] == [1, 2, 1]
 
 
-def test_pll_word_l2r_over_http_equals_the_inference_core(serve_url, tiny_model_dir, sample_texts):
+@pytest.mark.parametrize("method", ["pll-word-l2r", "pll-strided"])
+def test_each_pll_method_over_http_equals_the_inference_core(serve_url, tiny_model_dir, sample_texts, method):
     from jbert_ray.inference import MaskedLM
 
     from jbert_ray.tokenizer import JapaneseTokenizer
@@ -292,9 +293,9 @@ def test_pll_word_l2r_over_http_equals_the_inference_core(serve_url, tiny_model_
     tokenizer = JapaneseTokenizer.from_pretrained(tiny_model_dir)
     # Texts with a word of several pieces: there the two methods mask differently.
     texts = [t for t in sample_texts if 20 <= len(t) <= 60 and not all(tokenizer.encode(t).word_start)][:3]
-    response = post(f"{serve_url}/score", {"texts": texts, "method": "pll-word-l2r"})
+    response = post(f"{serve_url}/score", {"texts": texts, "method": method})
     assert response.status_code == 200, response.text
-    direct = MaskedLM.from_pretrained(tiny_model_dir, device="cpu").score(texts, "pll-word-l2r")
+    direct = MaskedLM.from_pretrained(tiny_model_dir, device="cpu").score(texts, method)
     plain = post(f"{serve_url}/score", {"texts": texts}).json()["scores"]
     for got, expected, token_by_token in zip(response.json()["scores"], direct, plain):
         assert got["token_pll"] == pytest.approx(expected["token_pll"], abs=1e-4)
