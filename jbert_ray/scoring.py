@@ -74,7 +74,7 @@ class ScoreConfig:
     # docs/scoring.md gives each method's speed and fidelity
     method: Literal["pll", "pll-word-l2r", "pll-strided"] = "pll"  # a pass per token; + the rest of its word; k passes
     mask_stride: int = 0  # pll-strided: passes per text (k); 0 = the inference default
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU or a CPU with native bf16
+    dtype: Literal["float32", "auto", "bfloat16"] = "float32"  # auto: bf16 on a GPU or a CPU with native bf16
     long_text: Literal["window", "error"] = (
         "window"  # longer than the model: sliding windows, or a too_long row
     )
