@@ -230,7 +230,9 @@ class Store:
     def upload(self, local_dir: str | os.PathLike, relative: str = "") -> None:
         """Copy a local directory tree into this store."""
         self.filesystem.create_dir(self.full(relative), recursive=True)  # copy_files makes only the subdirs
-        pafs.copy_files(str(Path(local_dir).absolute()), self.full(relative),
+        # One file at a time: on the first failed file a threaded copy_files returns while other copies are still
+        # in flight, and they land after the caller has cleaned up (measured on S3: a `model.new/` file reappeared).
+        pafs.copy_files(str(Path(local_dir).absolute()), self.full(relative), use_threads=False,
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.filesystem)  # fmt: skip
 
     def download(self, relative: str, local_dir: str | os.PathLike) -> None:
