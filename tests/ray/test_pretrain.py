@@ -167,9 +167,9 @@ def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cl
     started = time.perf_counter()
     assert main(pretrain_argv(shards, out, "--time-budget", str(budget_s / 60), "--warmup-steps", "-1")) == 0
     rows = read_metrics(out / "metrics.csv")
-    # Stopped at the first step past the budget; that step may include a restart of the stream (~5-10 s on 2 CPUs)
-    # when this tiny model outruns its 3-epoch plan.
-    assert budget_s <= rows[-1]["elapsed_s"] < budget_s + 15
+    # Stopped at the first step past the budget; that step may include a restart of the stream (~5-10 s on 2 idle
+    # CPUs, twice that beside the other test worker) when this tiny model outruns its 3-epoch plan.
+    assert budget_s <= rows[-1]["elapsed_s"] < budget_s + 25
     assert time.perf_counter() - started < budget_s + 60  # start-up and export are outside the budget
     peak = 2e-3
     # The lr of a row's last step was set from the clock after the previous row: it follows the budget's decay
@@ -192,7 +192,7 @@ def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cl
     # The clock went on from the checkpoint: the lr is halfway down the decay, not back in warmup.
     expected = peak * (1 - first_new["elapsed_s"] / (2 * budget_s)) / 0.94
     assert first_new["lr"] == pytest.approx(expected, rel=0.25)
-    assert 2 * budget_s <= resumed[-1]["elapsed_s"] < 2 * budget_s + 15
+    assert 2 * budget_s <= resumed[-1]["elapsed_s"] < 2 * budget_s + 25
 
 
 @pytest.mark.parametrize("arch", ["bert", "modernbert"])
