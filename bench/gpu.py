@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 
 from jbert_ray.masking import MaskingConfig, mask_batch
 from jbert_ray.model import PRESETS, SparseMaskedLM, build_model, count_parameters, hf_config_dict
+from jbert_ray.pretrain.config import PretrainConfig
+from jbert_ray.pretrain.step import autocast_for, lr_at, make_optimizer, train_step, trim_padding
 from jbert_ray.shards import inspect_shards
 from jbert_ray.tokenizer import Encoding, JapaneseTokenizer
-from jbert_ray.train import PretrainConfig
-from jbert_ray.train_step import autocast_for, lr_at, make_optimizer, train_step, trim_padding
 
 PEAK_TFLOPS = {
     "H200": 989.0,
@@ -342,8 +342,8 @@ def stream_row(shards_dir: Path, cpus: int, seconds: float, epochs: int) -> dict
         return {"phase": "stream", "what": f"skipped: no Ray on this machine ({what})"}
     import ray
 
+    from jbert_ray.pretrain.stream import build_train_stream, stream_spec
     from jbert_ray.storage import Store
-    from jbert_ray.train_stream import build_train_stream, stream_spec
 
     info = inspect_shards(shards_dir)
     # Three epochs planned, as a time-budgeted run plans them (each epoch is one read in the stream's union).
@@ -378,9 +378,9 @@ def product_rows(inputs: Path, size: str, micro: int, device, step: dict | None,
         return [{"phase": "product", "what": "skipped: Ray or MeCab (fugashi) is not installed here"}]
     import ray
 
+    from jbert_ray.pretrain.driver import run_pretraining
+    from jbert_ray.pretrain.metrics import read_metrics
     from jbert_ray.scoring import ScoreConfig, run_scoring
-    from jbert_ray.train import run_pretraining
-    from jbert_ray.train_state import read_metrics
 
     gpu = device.type == "cuda"
     texts = json.loads((inputs / "texts.json").read_text())["score"]

@@ -8,12 +8,10 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from jbert_ray.train import PretrainConfig
+from jbert_ray.pretrain.config import PretrainConfig
 
 WARMUP_SHARE = 0.06  # of the run (steps or budget) spent warming up when --warmup-steps is -1 (RoBERTa)
 

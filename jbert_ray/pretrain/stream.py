@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from jbert_ray.masking import mask_batch
+from jbert_ray.pretrain.config import PretrainConfig
 from jbert_ray.shards import ShardInfo
 from jbert_ray.storage import Store, local_copy
 
@@ -62,7 +63,7 @@ def build_train_stream(spec: dict):
     """
     import ray.data
 
-    # Runs in the controller. Progress comes from the metrics rows (progress.MetricsWatcher): Ray Data's bars for
+    # Runs in the controller. Progress comes from the metrics rows (metrics.MetricsWatcher): Ray Data's bars for
     # this long stream would only redraw over those lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     run = Store(spec["run_dir"])
@@ -91,7 +92,7 @@ def build_valid_stream(spec: dict):
     return valid.map_batches(mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"])
 
 
-def stream_spec(cfg, shards: ShardInfo, run: Store) -> dict:
+def stream_spec(cfg: PretrainConfig, shards: ShardInfo, run: Store) -> dict:
     """Plain data for the stream builders (they run in the Ray Train controller): files, counts, masking."""
     from jbert_ray.tokenizer import JapaneseTokenizer
 
@@ -117,7 +118,7 @@ def stream_spec(cfg, shards: ShardInfo, run: Store) -> dict:
     }
 
 
-def _sequences_needed(cfg, shards: ShardInfo) -> int:
+def _sequences_needed(cfg: PretrainConfig, shards: ShardInfo) -> int:
     """How long the stream must be: max_steps (+ one spare global batch: the equal split may drop up to
     num_workers - 1 rows at the end), or under a time budget, what the fastest plausible rate could use."""
     by_steps = (cfg.max_steps + 1) * cfg.global_batch_size
