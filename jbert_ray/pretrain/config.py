@@ -1,5 +1,5 @@
 """`jbert pretrain`'s settings: `PretrainConfig` (its fields and comments are the command's flags, through
-config_flags.py) and the defaults that depend on the cluster."""
+config_flags.py) and `WorkerConfig`, what the driver sends each Ray Train worker."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def budget_s(self) -> float:
+        """--time-budget in seconds; 0 when the run is measured in steps."""
+        return 60 * self.time_budget_min
+
     def resolved(self) -> PretrainConfig:
         """The defaults that depend on other fields made explicit (what a re-run must match)."""
         micro = self.micro_batch_size or (DEFAULT_MICRO_BATCH_GPU if self.use_gpu else DEFAULT_MICRO_BATCH_CPU)
@@ -92,3 +97,23 @@ class PretrainConfig:
             global_batch_size=self.global_batch_size or micro * self.num_workers,
         )
 
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every Ray Train worker is sent: plain data across the Ray boundary (`to_dict` on the driver,
+    `from_dict` as the worker's first line)."""
+
+    pretrain: PretrainConfig  # resolved: worker count and batch sizes explicit, paths absolute
+    hf_config: dict  # the model's HF config: what a run without a checkpoint or --init-from builds
+    run_dir: str  # the run directory's location (a path or an object-store URI)
+    tokenizer_dir: str  # the shards' tokenizer/
+    max_seq_len: int  # the shards' longest sequence: the exported tokenizer's model_max_length
+    has_valid: bool  # a valid stream exists (only when every rank gets at least one row of it)
+    torch_threads: int  # torch threads of a CPU worker; 0 = keep Ray's setting (GPU workers)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> WorkerConfig:
+        return cls(**{**values, "pretrain": PretrainConfig.from_dict(values["pretrain"])})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ import torch
 
 from jbert_ray.outputs import OutputLock, check_output
 from jbert_ray.pretrain.checks import check_batch, check_inputs, check_resources, check_run_dir
-from jbert_ray.pretrain.config import PretrainConfig
+from jbert_ray.pretrain.config import PretrainConfig, WorkerConfig
 from jbert_ray.pretrain.loop import train_loop_per_worker
 from jbert_ray.pretrain.metrics import MetricsWatcher, metrics_rows, plot_curves
 from jbert_ray.pretrain.step import has_native_bf16
@@ -102,15 +102,15 @@ def _pretrain(job: PreparedPretraining) -> dict:
         datasets["valid"] = build_valid_stream(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "pretrain": cfg.to_dict(),
-            "hf_config": hf_config,
-            "run_dir": run.location,
-            "tokenizer_dir": str(shards.tokenizer_dir),
-            "has_valid": has_valid,
-            "torch_threads": threads,
-            "max_seq_len": shards.max_seq_len,
-        },
+        train_loop_config=WorkerConfig(
+            pretrain=cfg,
+            hf_config=hf_config,
+            run_dir=run.location,
+            tokenizer_dir=str(shards.tokenizer_dir),
+            max_seq_len=shards.max_seq_len,
+            has_valid=has_valid,
+            torch_threads=threads,
+        ).to_dict(),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

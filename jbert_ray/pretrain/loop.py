@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from jbert_ray.model import SparseMaskedLM, build_model
-from jbert_ray.pretrain.config import PretrainConfig
+from jbert_ray.pretrain.config import PretrainConfig, WorkerConfig
 from jbert_ray.pretrain.metrics import MetricsLog
 from jbert_ray.pretrain.state import load_train_state, save_train_state
 from jbert_ray.pretrain.step import all_reduce, autocast_for, evaluate, lr_at, make_optimizer, train_step
@@ -28,21 +28,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     from jbert_ray.tokenizer import JapaneseTokenizer
 
-    cfg = PretrainConfig.from_dict(config["pretrain"])
-    run = Store(config["run_dir"])
+    worker = WorkerConfig.from_dict(config)
+    cfg, run = worker.pretrain, Store(worker.run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu" and config["torch_threads"]:
-        torch.set_num_threads(config["torch_threads"])
-    tokenizer = JapaneseTokenizer.from_pretrained(local_copy(config["tokenizer_dir"]))
+    if device.type == "cpu" and worker.torch_threads:
+        torch.set_num_threads(worker.torch_threads)
+    tokenizer = JapaneseTokenizer.from_pretrained(local_copy(worker.tokenizer_dir))
     # The export says how long its inputs were: scoring and serving then read long texts in windows of that
     # length, not of the position table's 512 (a 512-token window costs 4× a 128-token one per scored token).
-    tokenizer.model_max_length = min(tokenizer.model_max_length, config["max_seq_len"])
+    tokenizer.model_max_length = min(tokenizer.model_max_length, worker.max_seq_len)
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as checkpoint_dir:
-        model = _initial_model(cfg, config, tokenizer, checkpoint_dir)
+        model = _initial_model(cfg, worker.hf_config, checkpoint_dir)
         module = ray.train.torch.prepare_model(
             SparseMaskedLM(model)
         )  # device + DDP (gloo on CPU, NCCL on GPU)
@@ -52,8 +52,8 @@ def train_loop_per_worker(config: dict) -> None:
         state = load_train_state(checkpoint_dir, optimizer) if checkpoint_dir else {}
     step = int(state.get("step", 0))
     # Who runs each rank, and from which step: a restarted worker group shows where it resumed.
-    worker = {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank, "start_step": step}
-    run.write_json(f"workers/rank_{rank}.json", worker)  # pid and host of each rank: for operators (and tests)
+    process = {"pid": os.getpid(), "host": os.uname().nodename, "rank": rank, "start_step": step}
+    run.write_json(f"workers/rank_{rank}.json", process)  # pid and host of each rank: for operators (and tests)
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     log = MetricsLog(run, resume_step=step) if rank == 0 else None
@@ -65,8 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
     skip = max(0, step * cfg.global_batch_size - stream_start) // world // cfg.micro_batch_size
     batches = _train_batches(cfg, device, skip)
     autocast = autocast_for(device, cfg.precision)
-    clock = _RunClock(cfg, device, float(state.get("elapsed_s", 0.0)))  # a resumed run keeps its schedule
-    report = _Reporter(cfg, config, module, model, tokenizer, optimizer, log, rank, state)
+    clock = _RunClock(cfg.budget_s, device, float(state.get("elapsed_s", 0.0)))  # a resumed run keeps its schedule
+    report = _Reporter(cfg, worker, module, model, tokenizer, optimizer, log, rank, state)
     window = _Window()
     elapsed, stopped = clock.elapsed(), False
     while not stopped:
@@ -111,8 +111,8 @@ class _Window:
 class _RunClock:
     """Training time of the run, carried across resumes; under a time budget every rank reads the same value."""
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, elapsed_before: float):
-        self.budget_s = 60 * cfg.time_budget_min
+    def __init__(self, budget_s: float, device: torch.device, elapsed_before: float):
+        self.budget_s = budget_s
         self.device = device
         self.elapsed_before = elapsed_before
         self.started = time.perf_counter()
@@ -133,8 +133,8 @@ class _RunClock:
 class _Reporter:
     """Metric rows, evaluations and checkpoints at log steps; every rank calls it at the same steps."""
 
-    def __init__(self, cfg, config, module, model, tokenizer, optimizer, log, rank, state: dict):
-        self.cfg, self.config, self.log, self.rank = cfg, config, log, rank
+    def __init__(self, cfg, worker, module, model, tokenizer, optimizer, log, rank, state: dict):
+        self.cfg, self.worker, self.log, self.rank = cfg, worker, log, rank
         self.module, self.model, self.tokenizer, self.optimizer = module, model, tokenizer, optimizer
         self.device = next(module.parameters()).device
         self.tokens = float(state.get("tokens", 0))  # non-pad tokens trained on, all ranks, since step 0
@@ -157,7 +157,7 @@ class _Reporter:
             "tokens": self.tokens,
             "elapsed_s": elapsed,
         }
-        if self.config["has_valid"] and (step % cfg.eval_every == 0 or is_last):
+        if self.worker.has_valid and (step % cfg.eval_every == 0 or is_last):
             metrics.update(
                 evaluate(self.module, self.device, autocast_for(self.device, cfg.precision), cfg.micro_batch_size)
             )
@@ -187,11 +187,11 @@ class _Reporter:
             ray.train.report(metrics, checkpoint=checkpoint)
         if self.rank == 0:  # after report() the checkpoint is persisted: a restarted stream may start from here
             progress = {"step": step, "sequences": step * self.cfg.global_batch_size}
-            Store(self.config["run_dir"]).write_json(PROGRESS_FILE, progress)
+            Store(self.worker.run_dir).write_json(PROGRESS_FILE, progress)
             self.log.sync()
 
 
-def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir: str | None):
+def _initial_model(cfg: PretrainConfig, hf_config: dict, checkpoint_dir: str | None):
     from jbert_ray.checkpoint import load_model_dir
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -200,7 +200,7 @@ def _initial_model(cfg: PretrainConfig, config: dict, tokenizer, checkpoint_dir:
     elif cfg.init_from:
         model, _ = load_model_dir(local_copy(cfg.init_from), "cpu")
     else:
-        model = build_model(config["hf_config"])
+        model = build_model(hf_config)
     return model.train()
 
 
@@ -222,7 +222,7 @@ def _train_batches(cfg: PretrainConfig, device, skip_batches: int):
             if index >= skip_batches:
                 yield batch
             index += 1
-        if cfg.time_budget_min <= 0 or index == passed:  # by steps the plan is exact; an empty pass ends it
+        if cfg.budget_s <= 0 or index == passed:  # by steps the plan is exact; an empty pass ends it
             return
 
 

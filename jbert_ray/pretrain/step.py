@@ -64,8 +64,8 @@ def trim_padding(batch: dict) -> dict:
 def lr_at(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
     """Linear warmup to learning_rate, then linear decay to 0 at the end of the time budget (if set) or max_steps."""
     share = WARMUP_SHARE if cfg.warmup_steps < 0 else 0.0
-    if cfg.time_budget_min > 0:
-        done = elapsed_s / (60 * cfg.time_budget_min)
+    if cfg.budget_s > 0:
+        done = elapsed_s / cfg.budget_s
         warm = done / share if share else (step + 1) / max(cfg.warmup_steps, 1)
         decay = (1 - done) / (1 - share)
     else:

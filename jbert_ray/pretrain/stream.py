@@ -122,10 +122,8 @@ def _sequences_needed(cfg: PretrainConfig, shards: ShardInfo) -> int:
     """How long the stream must be: max_steps (+ one spare global batch: the equal split may drop up to
     num_workers - 1 rows at the end), or under a time budget, what the fastest plausible rate could use."""
     by_steps = (cfg.max_steps + 1) * cfg.global_batch_size
-    if cfg.time_budget_min <= 0:
+    if cfg.budget_s <= 0:
         return by_steps
     per_second = cfg.num_workers * (BUDGET_SEQUENCES_PER_S_GPU if cfg.use_gpu else BUDGET_SEQUENCES_PER_S_CPU)
-    by_budget = min(
-        math.ceil(60 * cfg.time_budget_min * per_second), BUDGET_STREAM_EPOCHS * shards.train_rows
-    )
+    by_budget = min(math.ceil(cfg.budget_s * per_second), BUDGET_STREAM_EPOCHS * shards.train_rows)
     return min(by_steps, by_budget) if cfg.max_steps else by_budget
