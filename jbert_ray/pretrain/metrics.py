@@ -1,5 +1,5 @@
-"""A run's metrics: rows in RUN/metrics.csv and TensorBoard, the loss/accuracy PNG, and `MetricsWatcher`, which
-prints new rows on the driver while training runs."""
+"""A run's metrics: rows made from step windows (summed over ranks), kept in RUN/metrics.csv and TensorBoard,
+plotted to curves.png, and printed on the driver by `MetricsWatcher` while training runs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
+from jbert_ray.pretrain.step import all_reduce
 from jbert_ray.storage import Store
 
 METRICS_FILE = "metrics.csv"
@@ -28,6 +31,60 @@ METRIC_COLUMNS = (
     "tokens",  # non-pad tokens trained on since step 0, all workers (the x axis of learning-efficiency plots)
     "elapsed_s",  # training time since step 0, carried across resumes
 )
+
+
+class Window:
+    """Step statistics since the last metric row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.totals, self.grad_norm = 0, torch.zeros(4, dtype=torch.float64), 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        self.steps += 1
+        self.totals += stats["totals"]
+        self.grad_norm = stats["grad_norm"]
+
+
+class StepMetrics:
+    """Metric rows from windows of steps, summed over all ranks (every rank calls `row` at the same steps) and
+    written by rank 0's `log`; counts the non-pad tokens trained on since step 0."""
+
+    def __init__(self, device: torch.device, tokens: float, log: MetricsLog | None):
+        self.device, self.tokens, self.log = device, tokens, log
+        self.rows = 0  # rows made by this run of the worker group
+
+    def row(self, step: int, lr: float, window: Window, elapsed: float) -> dict:
+        totals = all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
+        self.tokens += totals[3].item()
+        predicted = max(totals[2].item(), 1)
+        return {
+            "step": step,
+            "loss": totals[0].item() / predicted if window.steps else None,
+            "accuracy": totals[1].item() / predicted if window.steps else None,
+            "lr": lr,
+            "tokens_per_s": totals[3].item() / max(time.perf_counter() - window.started, 1e-9),
+            "grad_norm": window.grad_norm,
+            "tokens": self.tokens,
+            "elapsed_s": elapsed,
+        }
+
+    def write(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.write(row)
+        self.rows += 1
+
+    def sync(self) -> None:
+        """At checkpoints: copy rank 0's TensorBoard files to a remote run dir."""
+        if self.log is not None:
+            self.log.sync()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 class MetricsLog:

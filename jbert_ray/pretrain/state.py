@@ -12,6 +12,19 @@ import torch
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 
+
+class CheckpointWriter:
+    """Rank 0's checkpoint files: the HF model dir (model/) and the training state to resume from."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer):
+        self.model, self.tokenizer, self.optimizer = model, tokenizer, optimizer
+
+    def write(self, path: str | os.PathLike, step: int, **extra) -> None:
+        from jbert_ray.checkpoint import save_model_dir
+
+        save_model_dir(Path(path) / "model", self.model, self.tokenizer)
+        save_train_state(path, self.optimizer, step, **extra)
+
 def save_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int, **extra) -> None:
     """Write the optimizer state (tensors → safetensors, the rest → JSON), step, torch RNG and `extra`."""
     from safetensors.torch import save_file

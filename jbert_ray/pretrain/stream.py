@@ -53,6 +53,20 @@ def plan_stream(
     return start, plan
 
 
+def batches_to_skip(run: Store, cfg: PretrainConfig, step: int, world_size: int) -> int:
+    """Micro-batches each rank skips to resume at `step`: the stream restarts at the start of a file."""
+    stream = run.read_json(STREAM_FILE)  # written before every start of the stream: missing means lost
+    if not isinstance(stream, dict) or "start_sequence" not in stream:
+        raise RuntimeError(f"{run.child(STREAM_FILE)} is missing: cannot tell where the input stream starts")
+    consumed = max(0, step * cfg.global_batch_size - int(stream["start_sequence"]))
+    return consumed // world_size // cfg.micro_batch_size
+
+
+def save_position(run: Store, step: int, sequences: int) -> None:
+    """Record where the latest persisted checkpoint is: a restarted stream starts there, not at the corpus start."""
+    run.write_json(PROGRESS_FILE, {"step": step, "sequences": sequences})
+
+
 def build_train_stream(spec: dict):
     """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
 
