@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ from jbert_ray.storage import Store, resolve_location
 
 STAGE = "pretrain"
 RUN_NAME = "checkpoints"  # RunConfig name: checkpoints live in RUN_DIR/checkpoints/
-
+HEALTH_CHECK_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls the workers
 
 
 class PreparedPretraining(NamedTuple):
@@ -60,26 +61,61 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
 
 def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     """Train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
-    import ray.data
-
     job = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
-    data_context = ray.data.DataContext.get_current()
-    bars = data_context.enable_progress_bars
     try:
-        return _pretrain(job)
+        with _driver_settings():
+            return _pretrain(job)
     finally:
-        data_context.enable_progress_bars = bars  # _pretrain turns Ray Data's bars off, whatever its outcome
         job.lock.release()
 
 
-def _pretrain(job: PreparedPretraining) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@contextmanager
+def _driver_settings() -> Iterator[None]:
+    """Ray Train's quick health check and no Ray Data bars while the run lasts, both as they were afterwards."""
+    import ray.data
 
+    data_context = ray.data.DataContext.get_current()
+    bars, interval = data_context.enable_progress_bars, os.environ.get(HEALTH_CHECK_VARIABLE)
+    os.environ.setdefault(HEALTH_CHECK_VARIABLE, "0.1")  # report() costs ~1.2 s at the 2 s default
+    # Training progress comes from the metrics rows (MetricsWatcher): no Ray Data bars for the valid stream either.
+    data_context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        data_context.enable_progress_bars = bars
+        if interval is None:
+            os.environ.pop(HEALTH_CHECK_VARIABLE, None)
+        else:
+            os.environ[HEALTH_CHECK_VARIABLE] = interval
+
+
+def _pretrain(job: PreparedPretraining) -> dict:
+    """Fit the run to the cluster, stream the shards to a TorchTrainer, export the model and the results."""
     cfg, shards, hf_config, _ = job
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report() costs ~1.2 s at the 2 s default
     run = Store(cfg.output_dir)
+    cfg, cpus_per_worker, threads = _fit_to_cluster(cfg, shards)
+    check_run_dir(run, cfg, hf_config)
+    spec = stream_spec(cfg, shards, run)
+    datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
+    has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
+    if has_valid:
+        datasets["valid"] = build_valid_stream(spec)
+    worker = WorkerConfig(pretrain=cfg, hf_config=hf_config, run_dir=run.location,
+                          tokenizer_dir=str(shards.tokenizer_dir), max_seq_len=shards.max_seq_len,
+                          has_valid=has_valid, torch_threads=threads)  # fmt: skip
+    trainer = _trainer(worker, run, cpus_per_worker, datasets)
+    if cfg.show_progress:
+        print(f"pretrain: {_plan(cfg, threads)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with MetricsWatcher(run, cfg.time_budget_min, cfg.max_steps) if cfg.show_progress else nullcontext():
+        result = trainer.fit()
+    return _finish(run, result, time.perf_counter() - started)
+
+
+def _fit_to_cluster(cfg: PretrainConfig, shards: ShardInfo) -> tuple[PretrainConfig, float, int]:
+    """The worker count and batch sizes for the connected cluster, checked; CPUs and torch threads per worker."""
+    import ray
+
     cpu_nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     node_cpus = max(cpu_nodes, default=None)
     if not cfg.num_workers:
@@ -89,28 +125,18 @@ def _pretrain(job: PreparedPretraining) -> dict:
     cfg = cfg.resolved()  # the global batch follows the worker count
     check_batch(cfg, shards)
     cpus_per_worker = check_resources(cfg, ray.cluster_resources(), node_cpus)
-    check_run_dir(run, cfg, hf_config)
-    threads = torch_threads(cfg, node_cpus, len(cpu_nodes))
-    import ray.data
+    return cfg, cpus_per_worker, torch_threads(cfg, node_cpus, len(cpu_nodes))
 
-    # Training progress comes from the metrics rows (MetricsWatcher): no Ray Data bars for the valid stream either.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    spec = stream_spec(cfg, shards, run)
-    datasets = {"train": functools.partial(build_train_stream, spec)}  # rebuilt at every (re)start
-    has_valid = shards.valid_rows >= cfg.num_workers  # the equal split gives every rank at least one row
-    if has_valid:
-        datasets["valid"] = build_valid_stream(spec)
-    trainer = TorchTrainer(
+
+def _trainer(worker: WorkerConfig, run: Store, cpus_per_worker: float, datasets: dict):
+    """The TorchTrainer of the run: its name and storage are the same on a re-run, which then resumes."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = worker.pretrain
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=WorkerConfig(
-            pretrain=cfg,
-            hf_config=hf_config,
-            run_dir=run.location,
-            tokenizer_dir=str(shards.tokenizer_dir),
-            max_seq_len=shards.max_seq_len,
-            has_valid=has_valid,
-            torch_threads=threads,
-        ).to_dict(),
+        train_loop_config=worker.to_dict(),  # plain data across the Ray boundary
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -128,13 +154,6 @@ def _pretrain(job: PreparedPretraining) -> dict:
         ),
         datasets=datasets,
     )
-    if cfg.show_progress:
-        print(f"pretrain: {_plan(cfg, threads)}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    watcher = MetricsWatcher(run, cfg.time_budget_min, cfg.max_steps)
-    with watcher if cfg.show_progress else nullcontext():
-        result = trainer.fit()
-    return _finish(run, result, time.perf_counter() - started)
 
 
 def _plan(cfg: PretrainConfig, threads: int) -> str:
@@ -171,6 +190,7 @@ def torch_threads(cfg: PretrainConfig, node_cpus: float | None, cpu_nodes: int) 
 
 
 def _finish(run: Store, result, elapsed_s: float) -> dict:
+    """Export the final checkpoint's model/, plot the curves, write results.json."""
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as checkpoint_dir:
