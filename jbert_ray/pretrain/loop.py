@@ -8,6 +8,7 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
     _record_process(run, rank, step)
     if rank or not checkpoint_dir:  # rank 0 resumes with its saved RNG state; others derive theirs
         torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
+    log = MetricsLog(run, resume_step=step) if rank == 0 else None  # drops rows past the restored step
     accumulate = cfg.global_batch_size // (cfg.micro_batch_size * world)
     train_shard = ray.train.get_dataset_shard("train")  # [5] this rank's split of the masked stream
     batches = _train_batches(train_shard, cfg, device, batches_to_skip(run, cfg, step, world))
@@ -56,7 +58,6 @@ def train_loop_per_worker(config: dict) -> None:
     if worker.has_valid:
         valid_shard = ray.train.get_dataset_shard("valid")  # [5] and of the valid set
         evaluate_valid = functools.partial(_evaluate_shard, module, valid_shard, cfg.micro_batch_size, autocast)
-    log = MetricsLog(run, resume_step=step) if rank == 0 else None
     metrics = StepMetrics(device, float(state.get("tokens", 0)), log)
     writer = CheckpointWriter(model, tokenizer, optimizer) if rank == 0 else None  # one copy of the replicated state
     report = _Reporter(cfg, metrics, evaluate_valid, _Checkpoints(run, writer, cfg.global_batch_size))
@@ -87,7 +88,10 @@ class _Reporter:
     """At a log step, on every rank: a metric row (with an evaluation when due), then one report() (with a
     checkpoint when due)."""
 
-    def __init__(self, cfg: PretrainConfig, metrics: StepMetrics, evaluate_valid, checkpoints: _Checkpoints):
+    def __init__(
+        self, cfg: PretrainConfig, metrics: StepMetrics, evaluate_valid: Callable[[], dict] | None,
+        checkpoints: _Checkpoints,
+    ):  # fmt: skip
         self.cfg, self.metrics, self.evaluate_valid, self.checkpoints = cfg, metrics, evaluate_valid, checkpoints
 
     def __call__(self, step: int, lr: float, window: Window, elapsed: float, is_last: bool = False) -> None:

@@ -55,9 +55,10 @@ class StepMetrics:
 
     def __init__(self, device: torch.device, tokens: float, log: MetricsLog | None):
         self.device, self.tokens, self.log = device, tokens, log
-        self.rows = 0  # rows made by this run of the worker group
+        self.rows = 0  # rows written since this worker (re)started: none = the first batch is still to come
 
     def row(self, step: int, lr: float, window: Window, elapsed: float) -> dict:
+        """The metric row of `window`'s steps on all ranks."""
         totals = all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
         self.tokens += totals[3].item()
         predicted = max(totals[2].item(), 1)

@@ -25,6 +25,7 @@ class CheckpointWriter:
         save_model_dir(Path(path) / "model", self.model, self.tokenizer)
         save_train_state(path, self.optimizer, step, **extra)
 
+
 def save_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int, **extra) -> None:
     """Write the optimizer state (tensors → safetensors, the rest → JSON), step, torch RNG and `extra`."""
     from safetensors.torch import save_file
