@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 
 from jbert_ray.masking import MaskingConfig, mask_batch
 from jbert_ray.model import PRESETS, SparseMaskedLM, build_model, count_parameters, hf_config_dict
+from jbert_ray.pretrain.config import PretrainConfig
+from jbert_ray.pretrain.step import autocast_for, evaluate, lr_at, make_optimizer, train_step
 from jbert_ray.shards import inspect_shards
 from jbert_ray.tokenizer import Encoding, JapaneseTokenizer
-from jbert_ray.train import PretrainConfig
-from jbert_ray.train_step import autocast_for, lr_at, make_optimizer, train_step, trim_padding
 
 PEAK_TFLOPS = {
     "H200": 989.0,
@@ -268,7 +268,8 @@ def learn_row(shards_dir: Path, size: str, minutes: float, device, out: Path) ->
                     float(stats["totals"][0] / stats["totals"][2]),
                 )
             )
-    accuracy, loss = _valid_accuracy(module, valid, mask_kwargs, device, autocast)
+    result = evaluate(module, _valid_batches(valid, mask_kwargs, device), autocast)
+    accuracy, loss = result["eval_accuracy"], result["eval_loss"]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "learn.csv", "w") as f:
         f.write("step,tokens,seconds,loss\n" + "".join(",".join(map(str, row)) + "\n" for row in curve))
@@ -278,21 +279,11 @@ def learn_row(shards_dir: Path, size: str, minutes: float, device, out: Path) ->
             "valid_loss": round(loss, 3)}  # fmt: skip
 
 
-def _valid_accuracy(module, valid, mask_kwargs: dict, device, autocast) -> tuple[float, float]:
-    """Masked-token accuracy and loss over the valid shards, one fixed mask draw (seed 1), as training evaluates."""
-    module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss × predicted, correct, predicted
-    with torch.no_grad():
-        for first in range(0, valid.num_rows, 64):
-            masked = mask_batch(valid.slice(first, 64).to_pydict(), **mask_kwargs, seed=1)
-            batch = trim_padding({k: torch.from_numpy(v).to(device) for k, v in masked.items()})
-            with autocast():
-                loss, right, count = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            totals += torch.tensor(
-                [loss.item() * count.item(), right.item(), count.item()], dtype=torch.float64
-            )
-    module.train()
-    return (totals[1] / totals[2].clamp(min=1)).item(), (totals[0] / totals[2].clamp(min=1)).item()
+def _valid_batches(valid, mask_kwargs: dict, device):
+    """The valid shards in batches of 64 with one fixed mask draw (seed 1), for training's own `evaluate`."""
+    for first in range(0, valid.num_rows, 64):
+        masked = mask_batch(valid.slice(first, 64).to_pydict(), **mask_kwargs, seed=1)
+        yield {k: torch.from_numpy(v).to(device) for k, v in masked.items()}
 
 
 def score_rows(inputs: Path, size: str, device) -> list[dict]:
@@ -342,8 +333,8 @@ def stream_row(shards_dir: Path, cpus: int, seconds: float, epochs: int) -> dict
         return {"phase": "stream", "what": f"skipped: no Ray on this machine ({what})"}
     import ray
 
+    from jbert_ray.pretrain.stream import build_train_stream, stream_spec
     from jbert_ray.storage import Store
-    from jbert_ray.train_stream import build_train_stream, stream_spec
 
     info = inspect_shards(shards_dir)
     # Three epochs planned, as a time-budgeted run plans them (each epoch is one read in the stream's union).
@@ -378,9 +369,9 @@ def product_rows(inputs: Path, size: str, micro: int, device, step: dict | None,
         return [{"phase": "product", "what": "skipped: Ray or MeCab (fugashi) is not installed here"}]
     import ray
 
+    from jbert_ray.pretrain.driver import run_pretraining
+    from jbert_ray.pretrain.metrics import read_metrics
     from jbert_ray.scoring import ScoreConfig, run_scoring
-    from jbert_ray.train import run_pretraining
-    from jbert_ray.train_state import read_metrics
 
     gpu = device.type == "cuda"
     texts = json.loads((inputs / "texts.json").read_text())["score"]

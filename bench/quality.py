@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jbert_ray.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
+from jbert_ray.pretrain.metrics import read_metrics
+from jbert_ray.pretrain.step import autocast_for
 from jbert_ray.tokenizer import JapaneseTokenizer
-from jbert_ray.train_state import read_metrics
-from jbert_ray.train_step import autocast_for
 
 sys.path.insert(0, str(REPO / "bench"))
 from results import machine, publish

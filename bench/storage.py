@@ -68,8 +68,8 @@ def run_stage(stage: str, where, train: Path, valid: Path, tokenizer: Path, tmp:
         out = where("run")
         wall = jbert("pretrain", "--data", str(shards), "--out", out, "--model-config", "tiny", "--max-steps", "200",
                      "--checkpoint-every", "50", "--log-every", "10", "--eval-every", "1000")  # fmt: skip
+        from jbert_ray.pretrain.metrics import metrics_rows
         from jbert_ray.storage import Store
-        from jbert_ray.train_state import metrics_rows
 
         last = metrics_rows(Store(out))[-1]
         return "steps/s (training clock, checkpoints included)", last["step"] / last["elapsed_s"], wall

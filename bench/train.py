@@ -90,8 +90,8 @@ def run_side(side: str, shards_dir: Path, size: str, minutes: float, result: Pat
     """One row, in this (child) process; writes steps, tokens and training seconds to `result`."""
     import torch
 
+    from jbert_ray.pretrain.step import has_native_bf16
     from jbert_ray.shards import inspect_shards
-    from jbert_ray.train_step import has_native_bf16
 
     info = inspect_shards(shards_dir)
     precision = "bf16" if has_native_bf16(torch.device("cpu")) else "fp32"
@@ -106,7 +106,7 @@ def run_side(side: str, shards_dir: Path, size: str, minutes: float, result: Pat
 
 def run_ours(shards_dir: Path, size: str, minutes: float) -> dict:
     from jbert_ray.cli import main as jbert
-    from jbert_ray.train_state import read_metrics
+    from jbert_ray.pretrain.metrics import read_metrics
 
     out = Path("ours")
     assert jbert(["pretrain", "--data", str(shards_dir), "--out", str(out), "--model-config", size,
@@ -178,9 +178,9 @@ def run_plain_loop(info, size: str, minutes: float, precision: str) -> dict:
 
     from jbert_ray.masking import MaskingConfig, mask_batch
     from jbert_ray.model import PRESETS, SparseMaskedLM, build_model, hf_config_dict
+    from jbert_ray.pretrain.config import DEFAULT_MICRO_BATCH_CPU, PretrainConfig
+    from jbert_ray.pretrain.step import autocast_for, make_optimizer, train_step
     from jbert_ray.tokenizer import JapaneseTokenizer
-    from jbert_ray.train import DEFAULT_MICRO_BATCH_CPU, PretrainConfig
-    from jbert_ray.train_step import autocast_for, make_optimizer, train_step
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     tokenizer = JapaneseTokenizer.from_pretrained(info.tokenizer_dir)

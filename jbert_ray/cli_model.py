@@ -38,7 +38,7 @@ PRETRAIN_FLAGS = {
 
 
 def _add_pretrain(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.train import PretrainConfig
+    from jbert_ray.pretrain.config import PretrainConfig
 
     add_config_flags(sub, PretrainConfig, PRETRAIN_FLAGS)
     # The last release's spellings of --[no-]whole-word-masking: --masking token|whole-word, --token-masking.
@@ -56,7 +56,8 @@ class _MaskingUnit(argparse.Action):
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
-    from jbert_ray.train import PretrainConfig, prepare_pretraining, run_pretraining
+    from jbert_ray.pretrain.config import PretrainConfig
+    from jbert_ray.pretrain.driver import prepare_pretraining, run_pretraining
 
     config = config_from_args(PretrainConfig, args, PRETRAIN_FLAGS)
     job = prepare_pretraining(config)  # shards, model config and --init-from checks fail before Ray starts

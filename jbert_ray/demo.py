@@ -86,7 +86,8 @@ def _preprocess(paths: dict[str, Path], show_progress: bool) -> None:
 
 
 def _pretrain(paths: dict[str, Path], minutes: float, show_progress: bool) -> None:
-    from jbert_ray.train import PretrainConfig, run_pretraining
+    from jbert_ray.pretrain.config import PretrainConfig
+    from jbert_ray.pretrain.driver import run_pretraining
 
     if _reuse(paths["run"] / "results.json", "pretrain"):
         return

@@ -343,7 +343,7 @@ def auto_dtype(device: str) -> str | None:
     """"bfloat16" where the device computes bf16 natively (pretraining's test), else None (float32)."""
     import torch
 
-    from jbert_ray.train_step import has_native_bf16
+    from jbert_ray.pretrain.step import has_native_bf16
 
     return "bfloat16" if has_native_bf16(torch.device(device)) else None
 

@@ -30,52 +30,6 @@ class Progress:
             print(f"{self.label}: {fields} ({rate:,.0f} {self.rate_key}/s)", file=sys.stderr, flush=True)
 
 
-class MetricsWatcher:
-    """While training runs, print each new row of a run dir's metrics.csv (at most every `every_s`) on stderr."""
-
-    def __init__(self, run, budget_min: float = 0.0, max_steps: int = 0, every_s: float = 10.0):
-        import threading
-
-        self.run, self.budget_min, self.max_steps, self.every_s = run, budget_min, max_steps, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metrics-watcher", daemon=True)
-
-    def __enter__(self) -> MetricsWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        from jbert_ray.train_state import metrics_rows
-
-        shown_step, last = -1, 0.0
-        while not self._stop.wait(1.0):
-            try:
-                rows = metrics_rows(self.run)
-            except (ValueError, OSError):  # a row half written: read it next time
-                continue
-            if rows and rows[-1]["step"] != shown_step and time.perf_counter() - last >= self.every_s:
-                shown_step, last = rows[-1]["step"], time.perf_counter()
-                print(self.line(rows[-1]), file=sys.stderr, flush=True)
-
-    def line(self, row: dict) -> str:
-        """`pretrain: step 120/1,000, loss 5.123, accuracy 21.3%, 3,010 tokens/s, 6.0/20 min` (+ valid)."""
-        step = f"step {row['step']:,}" + (f"/{self.max_steps:,}" if self.max_steps else "")
-        fields = [step]
-        if row.get("loss") is not None:
-            fields.append(f"loss {row['loss']:.3f}, accuracy {row['accuracy']:.1%}")
-        fields.append(f"{row['tokens_per_s']:,.0f} tokens/s")
-        if row.get("elapsed_s") is not None:
-            budget = f"/{self.budget_min:g}" if self.budget_min else ""
-            fields.append(f"{row['elapsed_s'] / 60:.1f}{budget} min")
-        if row.get("eval_loss") is not None:
-            fields.append(f"valid loss {row['eval_loss']:.3f}, accuracy {row['eval_accuracy']:.1%}")
-        return "pretrain: " + ", ".join(fields)
-
-
 class ScoredCounter:
     """Rows and tokens the scorers have finished, reported per chunk (long before their batch ends); a Ray actor."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jbert_ray.cli import main
-from jbert_ray.train_state import read_metrics
+from jbert_ray.pretrain.metrics import read_metrics
 from tests.conftest import SAMPLE_PATH, can_make_namespaces
 
 pytestmark = pytest.mark.ray
@@ -256,8 +256,8 @@ def test_init_from_a_model_with_another_vocab_is_refused(shards, tiny_model_dir,
 def test_a_run_on_object_storage_alone_trains_and_continues_with_init_from(ray_cluster, shards, s3_bucket):
     """Shards, run dir and --init-from all on the local S3 server: nothing but the store connects the stages."""
     from jbert_ray.inference import MaskedLM
+    from jbert_ray.pretrain.metrics import metrics_rows
     from jbert_ray.storage import Store, local_copy
-    from jbert_ray.train_state import metrics_rows
 
     data, run = Store(s3_bucket("shards")), Store(s3_bucket("run"))
     data.upload(shards)

@@ -310,7 +310,7 @@ def test_bfloat16_weights_score_close_to_float32(tiny_model_dir, lm, short_texts
 
 @pytest.mark.parametrize("native", [True, False])
 def test_dtype_auto_is_bfloat16_only_where_the_chip_has_native_bf16(tiny_model_dir, monkeypatch, native):
-    from jbert_ray import train_step
+    from jbert_ray.pretrain import step as train_step
 
     monkeypatch.setattr(train_step, "has_native_bf16", lambda device: native and device.type == "cpu")
     lm = MaskedLM.from_pretrained(tiny_model_dir, device="cpu", dtype="auto")

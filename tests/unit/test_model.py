@@ -17,11 +17,11 @@ from jbert_ray.model import (
     hf_config_dict,
     resolve_model_config,
 )
+from jbert_ray.pretrain.config import PretrainConfig
+from jbert_ray.pretrain.state import load_train_state, save_train_state
+from jbert_ray.pretrain.step import lr_at, make_optimizer, train_step
+from jbert_ray.pretrain.stream import plan_stream
 from jbert_ray.tokenizer import JapaneseTokenizer
-from jbert_ray.train import PretrainConfig
-from jbert_ray.train_state import load_train_state, save_train_state
-from jbert_ray.train_step import lr_at, make_optimizer, train_step
-from jbert_ray.train_stream import plan_stream
 
 VOCAB = 300
 

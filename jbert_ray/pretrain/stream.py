@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from jbert_ray.masking import mask_batch
+from jbert_ray.pretrain.config import PretrainConfig
 from jbert_ray.shards import ShardInfo
 from jbert_ray.storage import Store, local_copy
 
@@ -52,6 +53,20 @@ def plan_stream(
     return start, plan
 
 
+def batches_to_skip(run: Store, cfg: PretrainConfig, step: int, world_size: int) -> int:
+    """Micro-batches each rank skips to resume at `step`: the stream restarts at the start of a file."""
+    stream = run.read_json(STREAM_FILE)  # written before every start of the stream: missing means lost
+    if not isinstance(stream, dict) or "start_sequence" not in stream:
+        raise RuntimeError(f"{run.child(STREAM_FILE)} is missing: cannot tell where the input stream starts")
+    consumed = max(0, step * cfg.global_batch_size - int(stream["start_sequence"]))
+    return consumed // world_size // cfg.micro_batch_size
+
+
+def save_position(run: Store, step: int, sequences: int) -> None:
+    """Record where the latest persisted checkpoint is: a restarted stream starts there, not at the corpus start."""
+    run.write_json(PROGRESS_FILE, {"step": step, "sequences": sequences})
+
+
 def build_train_stream(spec: dict):
     """The training input: epochs of shards (file order reshuffled per epoch) → mask_batch, from the saved position.
 
@@ -62,7 +77,7 @@ def build_train_stream(spec: dict):
     """
     import ray.data
 
-    # Runs in the controller. Progress comes from the metrics rows (progress.MetricsWatcher): Ray Data's bars for
+    # Runs in the controller. Progress comes from the metrics rows (metrics.MetricsWatcher): Ray Data's bars for
     # this long stream would only redraw over those lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     run = Store(spec["run_dir"])
@@ -91,7 +106,7 @@ def build_valid_stream(spec: dict):
     return valid.map_batches(mask_batch, fn_kwargs=kwargs, num_cpus=spec["data_cpus"])
 
 
-def stream_spec(cfg, shards: ShardInfo, run: Store) -> dict:
+def stream_spec(cfg: PretrainConfig, shards: ShardInfo, run: Store) -> dict:
     """Plain data for the stream builders (they run in the Ray Train controller): files, counts, masking."""
     from jbert_ray.tokenizer import JapaneseTokenizer
 
@@ -117,14 +132,12 @@ def stream_spec(cfg, shards: ShardInfo, run: Store) -> dict:
     }
 
 
-def _sequences_needed(cfg, shards: ShardInfo) -> int:
+def _sequences_needed(cfg: PretrainConfig, shards: ShardInfo) -> int:
     """How long the stream must be: max_steps (+ one spare global batch: the equal split may drop up to
     num_workers - 1 rows at the end), or under a time budget, what the fastest plausible rate could use."""
     by_steps = (cfg.max_steps + 1) * cfg.global_batch_size
-    if cfg.time_budget_min <= 0:
+    if cfg.budget_s <= 0:
         return by_steps
     per_second = cfg.num_workers * (BUDGET_SEQUENCES_PER_S_GPU if cfg.use_gpu else BUDGET_SEQUENCES_PER_S_CPU)
-    by_budget = min(
-        math.ceil(60 * cfg.time_budget_min * per_second), BUDGET_STREAM_EPOCHS * shards.train_rows
-    )
+    by_budget = min(math.ceil(cfg.budget_s * per_second), BUDGET_STREAM_EPOCHS * shards.train_rows)
     return min(by_steps, by_budget) if cfg.max_steps else by_budget

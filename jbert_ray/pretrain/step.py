@@ -1,19 +1,17 @@
-"""One rank's step math: the optimizer step over accumulated micro-batches, the learning-rate schedule, AdamW,
-valid-set evaluation, and the device helpers (bf16 autocast, all-reduce) they share. Ray appears only where
-evaluation reads its dataset shard.
+"""One rank's step math, free of Ray: the optimizer step over accumulated micro-batches, the learning-rate
+schedule, AdamW, evaluation over batches, and the device helpers (bf16 autocast, all-reduce) they share.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from jbert_ray.train import PretrainConfig
+from jbert_ray.pretrain.config import PretrainConfig
 
 WARMUP_SHARE = 0.06  # of the run (steps or budget) spent warming up when --warmup-steps is -1 (RoBERTa)
 
@@ -66,8 +64,8 @@ def trim_padding(batch: dict) -> dict:
 def lr_at(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
     """Linear warmup to learning_rate, then linear decay to 0 at the end of the time budget (if set) or max_steps."""
     share = WARMUP_SHARE if cfg.warmup_steps < 0 else 0.0
-    if cfg.time_budget_min > 0:
-        done = elapsed_s / (60 * cfg.time_budget_min)
+    if cfg.budget_s > 0:
+        done = elapsed_s / cfg.budget_s
         warm = done / share if share else (step + 1) / max(cfg.warmup_steps, 1)
         decay = (1 - done) / (1 - share)
     else:
@@ -90,17 +88,14 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.O
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6)
 
 
-def evaluate(module, device: torch.device, autocast=nullcontext, batch_size: int = 32) -> dict:
-    """MLM loss and masked-token accuracy over this rank's valid shard, summed over all ranks."""
-    import ray.train
-
+def evaluate(module, batches: Iterable[dict], autocast=nullcontext) -> dict:
+    """MLM loss and masked-token accuracy over `batches` (this rank's share), summed over all ranks."""
+    device = next(module.parameters()).device
     module.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     core = getattr(module, "module", module)  # eval without DDP: no gradient sync needed
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
-            batch_size=batch_size, device=device
-        ):
+        for batch in batches:
             batch = trim_padding(batch)
             with autocast():
                 loss, correct, predicted = core(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -133,6 +128,7 @@ def has_native_bf16(device: torch.device) -> bool:
 
 
 def all_reduce(values: torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) `values` over the DDP ranks; unchanged outside a process group (one process, the benches)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,22 +1,23 @@
-"""Training state on disk: optimizer + step + RNG in a checkpoint (safetensors + JSON, no pickles), and the
-run's metrics (metrics.csv, TensorBoard, a loss/accuracy PNG)."""
+"""A run's metrics: rows made from step windows (summed over ranks), kept in RUN/metrics.csv and TensorBoard,
+plotted to curves.png, and printed on the driver by `MetricsWatcher` while training runs."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
 
+from jbert_ray.pretrain.step import all_reduce
 from jbert_ray.storage import Store
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = (
     "step",
@@ -32,47 +33,59 @@ METRIC_COLUMNS = (
 )
 
 
-def save_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int, **extra) -> None:
-    """Write the optimizer state (tensors → safetensors, the rest → JSON), step, torch RNG and `extra`."""
-    from safetensors.torch import save_file
+class Window:
+    """Step statistics since the last metric row."""
 
-    path = Path(path)
-    state = optimizer.state_dict()
-    tensors = {
-        f"state.{index}.{name}": value.detach().cpu().contiguous()
-        for index, param_state in state["state"].items()
-        for name, value in param_state.items()
-        if torch.is_tensor(value)
-    }
-    scalars = {
-        str(index): {name: value for name, value in param_state.items() if not torch.is_tensor(value)}
-        for index, param_state in state["state"].items()
-    }
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(path / OPTIMIZER_FILE))
-    record = {"step": step, "param_groups": state["param_groups"], "scalar_state": scalars, **extra}
-    (path / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.totals, self.grad_norm = 0, torch.zeros(4, dtype=torch.float64), 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        self.steps += 1
+        self.totals += stats["totals"]
+        self.grad_norm = stats["grad_norm"]
 
 
-def load_train_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore what `save_train_state` wrote into `optimizer` and the torch RNG; return the JSON record."""
-    from safetensors.torch import load_file
+class StepMetrics:
+    """Metric rows from windows of steps, summed over all ranks (every rank calls `row` at the same steps) and
+    written by rank 0's `log`; counts the non-pad tokens trained on since step 0."""
 
-    path = Path(path)
-    record = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(path / OPTIMIZER_FILE))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    if optimizer is not None:
-        param_state: dict[int, dict] = {int(i): dict(v) for i, v in record["scalar_state"].items()}
-        for key, value in tensors.items():
-            _, index, name = key.split(".", 2)
-            param_state.setdefault(int(index), {})[name] = value
-        groups = [
-            {**group, "betas": tuple(group["betas"])} if "betas" in group else group
-            for group in record["param_groups"]
-        ]
-        optimizer.load_state_dict({"state": param_state, "param_groups": groups})
-    return record
+    def __init__(self, device: torch.device, tokens: float, log: MetricsLog | None):
+        self.device, self.tokens, self.log = device, tokens, log
+        self.rows = 0  # rows written since this worker (re)started: none = the first batch is still to come
+
+    def row(self, step: int, lr: float, window: Window, elapsed: float) -> dict:
+        """The metric row of `window`'s steps on all ranks."""
+        totals = all_reduce(window.totals.clone(), self.device)  # every rank takes part: same collectives
+        self.tokens += totals[3].item()
+        predicted = max(totals[2].item(), 1)
+        return {
+            "step": step,
+            "loss": totals[0].item() / predicted if window.steps else None,
+            "accuracy": totals[1].item() / predicted if window.steps else None,
+            "lr": lr,
+            "tokens_per_s": totals[3].item() / max(time.perf_counter() - window.started, 1e-9),
+            "grad_norm": window.grad_norm,
+            "tokens": self.tokens,
+            "elapsed_s": elapsed,
+        }
+
+    def write(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.write(row)
+        self.rows += 1
+
+    def sync(self) -> None:
+        """At checkpoints: copy rank 0's TensorBoard files to a remote run dir."""
+        if self.log is not None:
+            self.log.sync()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 class MetricsLog:
@@ -165,6 +178,48 @@ def plot_curves(run: Store) -> str | None:
     return run.child("curves.png").location
 
 
+class MetricsWatcher:
+    """While training runs, print each new row of a run dir's metrics.csv (at most every `every_s`) on stderr."""
+
+    def __init__(self, run, budget_min: float = 0.0, max_steps: int = 0, every_s: float = 10.0):
+        self.run, self.budget_min, self.max_steps, self.every_s = run, budget_min, max_steps, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-watcher", daemon=True)
+
+    def __enter__(self) -> MetricsWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        shown_step, last = -1, 0.0
+        while not self._stop.wait(1.0):
+            try:
+                rows = metrics_rows(self.run)
+            except (ValueError, OSError):  # a row half written: read it next time
+                continue
+            if rows and rows[-1]["step"] != shown_step and time.perf_counter() - last >= self.every_s:
+                shown_step, last = rows[-1]["step"], time.perf_counter()
+                print(self.line(rows[-1]), file=sys.stderr, flush=True)
+
+    def line(self, row: dict) -> str:
+        """`pretrain: step 120/1,000, loss 5.123, accuracy 21.3%, 3,010 tokens/s, 6.0/20 min` (+ valid)."""
+        step = f"step {row['step']:,}" + (f"/{self.max_steps:,}" if self.max_steps else "")
+        fields = [step]
+        if row.get("loss") is not None:
+            fields.append(f"loss {row['loss']:.3f}, accuracy {row['accuracy']:.1%}")
+        fields.append(f"{row['tokens_per_s']:,.0f} tokens/s")
+        if row.get("elapsed_s") is not None:
+            budget = f"/{self.budget_min:g}" if self.budget_min else ""
+            fields.append(f"{row['elapsed_s'] / 60:.1f}{budget} min")
+        if row.get("eval_loss") is not None:
+            fields.append(f"valid loss {row['eval_loss']:.3f}, accuracy {row['eval_accuracy']:.1%}")
+        return "pretrain: " + ", ".join(fields)
+
+
 def _csv_value(value):
     if value is None:
         return ""
@@ -177,6 +232,3 @@ def _tensorboard_writer(log_dir: Path, resume_step: int):
     except ImportError:  # tensorboard is optional; metrics.csv is always written
         return None
     return SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
-
-
-# ---------------------------------------------------------------- shards and data position

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from jbert_ray.errors import UserError
 from jbert_ray.model import hf_config_dict
 from jbert_ray.outputs import OWN_FILES
+from jbert_ray.pretrain.config import PretrainConfig
 from jbert_ray.shards import ShardInfo, file_sha256, inspect_shards
 from jbert_ray.storage import Store, local_copy
-
-if TYPE_CHECKING:
-    from jbert_ray.train import PretrainConfig
 
 CONFIG_FILE = "jbert_config.json"
 # Must match across re-runs of one run dir; other fields (max_steps, eval cadence, ...) may change on resume.
