@@ -378,7 +378,7 @@ def product_rows(inputs: Path, size: str, micro: int, device, step: dict | None,
         return [{"phase": "product", "what": "skipped: Ray or MeCab (fugashi) is not installed here"}]
     import ray
 
-    from jbert_ray.scoring import ScoreConfig, run_scoring
+    from jbert_ray.score import ScoreConfig, run_scoring
     from jbert_ray.train import run_pretraining
     from jbert_ray.train_state import read_metrics
 
@@ -421,7 +421,7 @@ def _serve_row(model_dir: Path, texts: list[str], gpu: bool, seconds: float, cli
 
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app, free_port
+    from jbert_ray.serve import ServeArgs, build_app, free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -84,14 +84,14 @@ SCORE_FLAGS = {
 
 
 def _add_score(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.scoring import ScoreConfig
+    from jbert_ray.score import ScoreConfig
 
     add_config_flags(sub, ScoreConfig, SCORE_FLAGS)
     add_ray_flags(sub, progress=False)
 
 
 def _run_score(args: argparse.Namespace) -> None:
-    from jbert_ray.scoring import ScoreConfig, prepare_scoring, run_scoring, scored_rows
+    from jbert_ray.score import ScoreConfig, prepare_scoring, run_scoring, scored_rows
 
     config = config_from_args(ScoreConfig, args, SCORE_FLAGS)
     job = prepare_scoring(config)  # corpus, model and output checks fail before Ray starts
@@ -155,7 +155,7 @@ SERVE_FLAGS = {
 
 
 def _add_serve(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.serving import ServeArgs
+    from jbert_ray.serve import ServeArgs
 
     sub.add_argument(
         "--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)"
@@ -167,7 +167,7 @@ def _add_serve(sub: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> None:
     from jbert_ray.inference import check_model_location
-    from jbert_ray.serving import ServeArgs, high_throughput_env, run_server
+    from jbert_ray.serve import ServeArgs, high_throughput_env, run_server
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not within 1..65535")

@@ -98,7 +98,7 @@ def _pretrain(paths: dict[str, Path], minutes: float, show_progress: bool) -> No
 
 
 def _score(paths: dict[str, Path], show_progress: bool) -> None:
-    from jbert_ray.scoring import ScoreConfig, run_scoring
+    from jbert_ray.score import ScoreConfig, run_scoring
 
     if _reuse(paths["scores"] / "summary.json", "score"):
         return
@@ -112,7 +112,7 @@ def _score(paths: dict[str, Path], show_progress: bool) -> None:
 def _serve_and_ask(model_dir: Path) -> None:
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app, free_port
+    from jbert_ray.serve import ServeArgs, build_app, free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

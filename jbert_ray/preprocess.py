@@ -25,7 +25,7 @@ from jbert_ray.errors import UserError
 from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool, cluster_cpus
-from jbert_ray.shard_records import SPLITS, batch_key, build_manifest, line_ranges, new_counts
+from jbert_ray.shard_manifest import SPLITS, batch_key, build_manifest, line_ranges, new_counts
 from jbert_ray.shards import ShardsDir, file_sha256
 from jbert_ray.storage import Store, endpoint_uri, is_uri, local_copy
 from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from jbert_ray.errors import UserError
 from jbert_ray.outputs import OWN_FILES, OutputLock, check_output, child_names
-from jbert_ray.shard_records import merge_ranges
+from jbert_ray.shard_manifest import merge_ranges
 from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri, local_copy
 
 MANIFEST = "manifest.json"

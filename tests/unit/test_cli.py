@@ -11,8 +11,8 @@ from jbert_ray.cli_data import PREPROCESS_FLAGS, VOCAB_FLAGS
 from jbert_ray.cli_model import PRETRAIN_FLAGS, SCORE_FLAGS, SERVE_FLAGS
 from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig
-from jbert_ray.scoring import ScoreConfig
-from jbert_ray.serving import ServeArgs
+from jbert_ray.score import ScoreConfig
+from jbert_ray.serve import ServeArgs
 from jbert_ray.train import PretrainConfig
 from jbert_ray.vocab import VocabConfig
 

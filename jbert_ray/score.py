@@ -37,7 +37,7 @@ from jbert_ray.progress import ScoredCounter, ScoreProgress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
 from jbert_ray.score_filter import write_filtered
 from jbert_ray.score_stats import Totals, part_stats
-from jbert_ray.shard_records import batch_key, line_ranges, merge_ranges
+from jbert_ray.shard_manifest import batch_key, line_ranges, merge_ranges
 from jbert_ray.storage import Store
 
 STAGE = "score"
