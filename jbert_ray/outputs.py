@@ -45,8 +45,8 @@ def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
 
 
 def prepared(job: Any, kind: type[_Prepared], prepare: Callable[[Any], _Prepared]) -> _Prepared:
-    """A stage's `run_*` takes its config or the job its `prepare_*` checked before Ray started: `job` if it is
-    already a `kind`, else `prepare(job)` now."""
+    """A stage's `run_*` takes its config or the job its `prepare_*` checked before Ray started: `job` if it
+    is already a `kind`, else `prepare(job)` now."""
     return job if isinstance(job, kind) else prepare(job)
 
 

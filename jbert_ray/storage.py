@@ -45,7 +45,7 @@ def endpoint_uri(uri: str) -> str:
 
 
 def glob_prefix(path: str) -> str:
-    """The part of a path (or URI) before its first glob character (`*`, `?`, `[`): all of it when it has none."""
+    """The part of a path or URI before its first glob character (`*`, `?`, `[`); all of it if it has none."""
     return path.split("*")[0].split("?")[0].split("[")[0]
 
 

@@ -1,4 +1,4 @@
-"""`jbert pretrain`, `jbert score` and `jbert serve` (and `jbert demo`, from cli.demo): train a model, then use it."""
+"""`jbert pretrain`, `jbert score`, `jbert serve` (and `jbert demo`, from cli.demo): train a model, use it."""
 
 from __future__ import annotations
 

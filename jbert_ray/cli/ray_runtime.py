@@ -1,6 +1,6 @@
-"""The Ray runtime of a `jbert` command: connect to (or start) Ray, keep Ray's own output out of the user's terminal
-(its loggers, the raylet's notices, the C++ core's lines on fd 2), Ray Data's progress bars, and SIGTERM as Ctrl-C.
-"""
+"""The Ray a `jbert` command runs on: connect to (or start) Ray; keep Ray's own output (its loggers, the
+raylet's notices, the C++ core's lines on fd 2) out of the user's terminal; Ray Data's progress bars; SIGTERM
+as Ctrl-C."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The terminal filter (cli.ray_runtime) keeps Ray's own lines out of a user's terminal and nothing else: a stderr
-that stalls, closes (EPIPE) or hangs up (EIO) never blocks or fails native writers, and a changed Ray signature
-still prints."""
+"""The terminal filter (cli.ray_runtime) keeps Ray's own lines out of a user's terminal and nothing else: a
+stderr that stalls, closes (EPIPE) or hangs up (EIO) never blocks or fails native writers, and a changed Ray
+signature still prints."""
 
 import os
 import pty
