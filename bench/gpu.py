@@ -371,7 +371,7 @@ def product_rows(inputs: Path, size: str, micro: int, device, step: dict | None,
 
     from jbert_ray.pretrain.driver import run_pretraining
     from jbert_ray.pretrain.metrics import read_metrics
-    from jbert_ray.scoring import ScoreConfig, run_scoring
+    from jbert_ray.score import ScoreConfig, run_scoring
 
     gpu = device.type == "cuda"
     texts = json.loads((inputs / "texts.json").read_text())["score"]
@@ -412,7 +412,7 @@ def _serve_row(model_dir: Path, texts: list[str], gpu: bool, seconds: float, cli
 
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app, free_port
+    from jbert_ray.serve import ServeArgs, build_app, free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

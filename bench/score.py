@@ -94,7 +94,7 @@ def job(model_dir: Path, corpus: Path, out: Path, actors: int, method: str) -> f
     import ray
     import ray.data
 
-    from jbert_ray.scoring import ScoreConfig, run_scoring
+    from jbert_ray.score import ScoreConfig, run_scoring
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -4,7 +4,7 @@
     python bench/serve.py --quick              # ~1-2 min smoke run
     python bench/serve.py --model MODEL_DIR    # any model dir (ours, or a Tohoku-style HF Japanese BERT)
 
-1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serving`, @serve.batch) vs a plain FastAPI app
+1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serve`, @serve.batch) vs a plain FastAPI app
    calling transformers `pipeline("fill-mask")` per request under `uvicorn --workers R`: as many worker processes
    as we get replicas, the same torch threads each (R × threads = the CPUs); requests/s, p50 and p99 of both. A
    third row serves a model that does nothing the same way: Serve's own cost, the ceiling of the ratio on these
@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jbert_ray.serving import free_port  # after the path set-up that lets the bench run in place
+from jbert_ray.serve import free_port  # after the path set-up that lets the bench run in place
 
 sys.path.insert(0, str(REPO / "bench"))
 from results import machine, publish
@@ -214,7 +214,7 @@ def run_serve_load(
 ) -> dict:
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app
+    from jbert_ray.serve import ServeArgs, build_app
 
     with local_serve() as port:
         cpus = min(threads, (os.cpu_count() or 1) / replicas)  # Ray resources only; threads set the real use
@@ -272,7 +272,7 @@ def local_serve():
     import ray
     from ray import serve
 
-    from jbert_ray.serving import high_throughput_env
+    from jbert_ray.serve import high_throughput_env
 
     # Ray's documented high-throughput mode (HAProxy ingress where installed), as `jbert serve` sets it.
     for name, value in high_throughput_env().items():

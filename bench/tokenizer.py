@@ -126,7 +126,7 @@ def vocab_scaling(train_path: Path, work: Path, times: int) -> dict:
         # Pin the whole run (driver, raylet, workers) to real cores: Ray's --num-cpus alone only limits its
         # scheduling, and the driver and read tasks would still spread over every core of the machine.
         cores = ",".join(str(core) for core in range(cpus))
-        command = ["taskset", "-c", cores, sys.executable, "-m", "jobs.build_vocab", "--input", str(corpus),
+        command = ["taskset", "-c", cores, sys.executable, "-m", "jobs.vocab", "--input", str(corpus),
                    "--out", str(out), "--vocab-size", "32768", "--num-cpus", str(cpus), "--no-progress"]
         subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
         summary = json.loads((out / "vocab_summary.json").read_text())

@@ -26,6 +26,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from jbert_ray import text as T
 from jbert_ray.errors import UserError
+from jbert_ray.storage import glob_prefix
 
 _COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -69,8 +70,9 @@ def resolve_paths(corpus: str) -> CorpusFiles:
     """Expand a file, folder or glob (local or URI) into a sorted file list; fail clearly if there is none."""
     import pyarrow.fs as pafs
 
-    has_glob = any(ch in corpus for ch in "*?[")
-    base = corpus.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if has_glob else corpus
+    prefix = glob_prefix(corpus)
+    has_glob = prefix != corpus
+    base = prefix.rsplit("/", 1)[0] if has_glob else corpus
     try:
         if "://" in corpus:
             filesystem, base_path = pafs.FileSystem.from_uri(base or ".")
@@ -483,8 +485,15 @@ def _to_table(rows: list[tuple[str, str, str, int]], path: str | None) -> pa.Tab
     return table
 
 
+def reject_line(record_id: str, reason: str, raw: str) -> str:
+    """A rejected record as a line of rejects/*.jsonl: {record_id, reason, record} (its first
+    REJECT_PREVIEW_CHARS characters: a record can be a 64 MiB line)."""
+    record = {"record_id": str(record_id), "reason": str(reason), "record": str(raw)[:REJECT_PREVIEW_CHARS]}
+    return json.dumps(record, ensure_ascii=False)
+
+
 class RejectsWriter:
-    """Appends rejected records as JSON lines {record_id, reason, record} and counts them by reason."""
+    """Appends `reject_line`s to a file and counts them by reason."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,9 +501,9 @@ class RejectsWriter:
         self.by_reason: dict[str, int] = {}
         self._file = open(path, "w", encoding="utf-8")
 
-    def write(self, record_id: str, reason: str, record: str) -> None:
+    def write(self, line: str) -> None:
+        reason = json.loads(line)["reason"]
         self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-        line = json.dumps({"record_id": record_id, "reason": reason, "record": record}, ensure_ascii=False)
         self._file.write(line + "\n")
 
     def close(self) -> None:

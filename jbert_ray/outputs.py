@@ -16,14 +16,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from jbert_ray.errors import UserError
-from jbert_ray.storage import Store, first_line, is_uri, resolve_location
+from jbert_ray.storage import Store, first_line, glob_prefix, is_uri, resolve_location
 
 MARKER = ".jbert_output"
 LOCK = ".jbert_lock"
@@ -34,6 +35,19 @@ _RESUMABLE = ("preprocess", "score")
 LEASE_STALE_S = 60.0  # a lease whose heartbeat is this old belongs to a run that died
 _HEARTBEAT_S = 10.0
 _LEASE_SETTLE_S = 1.0  # an object store has no create-if-absent: write, wait, read back, and the last writer wins
+_Prepared = TypeVar("_Prepared", bound=tuple)
+
+
+def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
+    """A run finishes its output (`resume`) or replaces it (`overwrite`), never both."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: give one, not both")
+
+
+def prepared(job: Any, kind: type[_Prepared], prepare: Callable[[Any], _Prepared]) -> _Prepared:
+    """A stage's `run_*` takes its config or the job its `prepare_*` checked before Ray started: `job` if it
+    is already a `kind`, else `prepare(job)` now."""
+    return job if isinstance(job, kind) else prepare(job)
 
 
 def check_output(
@@ -105,7 +119,7 @@ def overlaps(output: str, source: str) -> bool:
         return False
     if is_uri(output):  # one store: compare as the filesystem names them (bucket/key)
         parts = urlsplit(source)  # a URI's query (?endpoint_override=…) is not a glob
-        base = _glob_base(parts.path)
+        base = glob_prefix(parts.path)
         is_glob = base != parts.path
         out, src = Store(output), Store(parts._replace(path=base.rsplit("/", 1)[0] if is_glob else base).geturl())
         if out.filesystem.type_name != src.filesystem.type_name:
@@ -113,16 +127,11 @@ def overlaps(output: str, source: str) -> bool:
         out_path, src_path = out.path.rstrip("/"), src.path.rstrip("/")
         src_is_file = not is_glob and src.kind() == pafs.FileType.File
     else:
-        base = _glob_base(source)
+        base = glob_prefix(source)
         src_file = Path(base).parent if base != source and not Path(base).is_dir() else Path(base)
         out_path, src_path, src_is_file = str(Path(output).resolve()), str(src_file.resolve()), src_file.is_file()
     inside = (src_path + "/").startswith(out_path + "/")  # the input is in the output (or is it)
     return inside or (not src_is_file and (out_path + "/").startswith(src_path + "/"))
-
-
-def _glob_base(path: str) -> str:
-    """The part of a path before its first glob character."""
-    return path.split("*")[0].split("?")[0].split("[")[0]
 
 
 class OutputLock:

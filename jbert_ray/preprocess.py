@@ -9,7 +9,6 @@ per batch, so memory stays flat however large the corpus. Output layout and mani
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import time
@@ -20,12 +19,13 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from jbert_ray.corpus import REJECT_PREVIEW_CHARS, CorpusFiles, read_corpus, resolve_paths
+from jbert_ray.corpus import CorpusFiles, read_corpus, reject_line, resolve_paths
 from jbert_ray.errors import UserError
+from jbert_ray.outputs import check_resume_or_overwrite, prepared
 from jbert_ray.packing import MIN_SEQ_LEN, Packed, Packer, in_valid_split
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool, cluster_cpus
-from jbert_ray.shard_records import SPLITS, batch_key, build_manifest, line_ranges, new_counts
+from jbert_ray.shard_manifest import SPLITS, batch_key, build_manifest, line_ranges, new_counts
 from jbert_ray.shards import ShardsDir, file_sha256
 from jbert_ray.storage import Store, endpoint_uri, is_uri, local_copy
 from jbert_ray.text import REJECT_EMPTY, TextConfig, clean_text, split_sentences
@@ -135,8 +135,7 @@ def pack_records(
             if not reason and not any(e.ids for e in encodings):
                 reason = REJECT_EMPTY
         if reason:
-            record = {"record_id": document, "reason": reason, "record": raw[:REJECT_PREVIEW_CHARS]}
-            rejects.append(json.dumps(record, ensure_ascii=False))
+            rejects.append(reject_line(document, reason, raw))
             counts["rejects_by_reason"][reason] = counts["rejects_by_reason"].get(reason, 0) + 1
             continue
         split = "valid" if in_valid_split(document, config.valid_fraction) else "train"
@@ -181,7 +180,7 @@ def run_preprocess(job: PreprocessConfig | PreparedPreprocess) -> dict:
     doc_id, seq_index, n_tokens int32; tokenizer/ (a copy); rejects/*.jsonl ({record_id, reason, record});
     manifest.json, written last. Masks are not stored: pretraining draws fresh ones every epoch (RoBERTa).
     """
-    config, tokenizer_sha, files = job if isinstance(job, PreparedPreprocess) else prepare_preprocess(job)
+    config, tokenizer_sha, files = prepared(job, PreparedPreprocess, prepare_preprocess)
     shards = ShardsDir.open(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     try:
         return _run(shards, config, tokenizer_sha, files)
@@ -284,8 +283,7 @@ def validate(config: PreprocessConfig) -> None:
         raise UserError(f"--valid-fraction must be in [0, 1), got {config.valid_fraction}")
     if config.batch_size < 1 or config.num_actors < 0:
         raise UserError("--batch-size must be ≥ 1 and --num-actors ≥ 0")
-    if config.resume and config.overwrite:
-        raise UserError("give --resume or --overwrite, not both")
+    check_resume_or_overwrite(config.resume, config.overwrite)
 
 
 def check_tokenizer(path: str) -> str:

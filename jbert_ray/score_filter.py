@@ -17,7 +17,7 @@ from jbert_ray.score_stats import Totals
 from jbert_ray.storage import Store
 
 if TYPE_CHECKING:
-    from jbert_ray.scoring import ScoreConfig
+    from jbert_ray.score import ScoreConfig
 
 
 def write_filtered(out: Store, config: ScoreConfig, records: list[dict], rows_in: int, fmt: str) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from jbert_ray.errors import UserError
-from jbert_ray.outputs import OWN_FILES, OutputLock, check_output, child_names
-from jbert_ray.shard_records import merge_ranges
+from jbert_ray.outputs import OWN_FILES, OutputLock, check_output, check_resume_or_overwrite, child_names
+from jbert_ray.shard_manifest import merge_ranges
 from jbert_ray.storage import Store, endpoint_uri, first_line, is_uri, local_copy
 
 MANIFEST = "manifest.json"
@@ -82,8 +82,7 @@ class ShardsDir:
     def check(root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, inputs=None) -> bool:
         """Can a run write here (apart from `inputs`, see outputs.check_output)? Raise a UserError if not; return
         whether the folder is non-empty."""
-        if overwrite and resume:
-            raise UserError("--overwrite and --resume exclude each other: replace the output, or finish it")
+        check_resume_or_overwrite(resume, overwrite)
         out = check_output(root, STAGE, inputs=inputs or {}, overwrite=overwrite, keep=resume)
         return any(name not in OWN_FILES for name in child_names(out))
 

@@ -44,6 +44,11 @@ def endpoint_uri(uri: str) -> str:
     return parts._replace(query=urlencode(query)).geturl()
 
 
+def glob_prefix(path: str) -> str:
+    """The part of a path or URI before its first glob character (`*`, `?`, `[`); all of it if it has none."""
+    return path.split("*")[0].split("?")[0].split("[")[0]
+
+
 def resolve_location(location: str | os.PathLike) -> str:
     """What the driver hands to workers on other nodes: an absolute local path, or the URI with its endpoint."""
     return endpoint_uri(str(location)) if is_uri(location) else str(Path(location).resolve())

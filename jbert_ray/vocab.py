@@ -19,9 +19,9 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from jbert_ray.corpus import REJECT_PREVIEW_CHARS, CorpusFiles, RejectsWriter, read_corpus, resolve_paths
+from jbert_ray.corpus import CorpusFiles, RejectsWriter, read_corpus, reject_line, resolve_paths
 from jbert_ray.errors import UserError
-from jbert_ray.outputs import OutputLock, check_output, clear_output
+from jbert_ray.outputs import OutputLock, check_output, clear_output, prepared
 from jbert_ray.progress import Progress
 from jbert_ray.resources import ACTOR_CPUS, actor_pool
 from jbert_ray.storage import Store
@@ -70,8 +70,7 @@ class WordCounter:
             if not reason:
                 text, reason = clean_text(raw, self.text_config)
             if reason:
-                preview = raw[:REJECT_PREVIEW_CHARS]  # as preprocess keeps: a record can be a 64 MiB line
-                rejects.append(json.dumps([record_id, reason, preview], ensure_ascii=False))
+                rejects.append(reject_line(record_id, reason, raw))
                 continue
             for sentence in split_sentences(text):
                 counts.update(self.tagger.parse(sentence).split())
@@ -138,7 +137,7 @@ def prepare_vocab(config: VocabConfig) -> PreparedVocab:
 
 def run_vocab(job: VocabConfig | PreparedVocab) -> dict:
     """Count MeCab words over the corpus on the cluster, train WordPiece, save the tokenizer directory."""
-    config, files, output, lock = job if isinstance(job, PreparedVocab) else prepare_vocab(job)
+    config, files, output, lock = prepared(job, PreparedVocab, prepare_vocab)
     try:
         with _work_dir(output) as output_dir:
             return _count_and_train(config, files, output_dir)
@@ -177,7 +176,7 @@ def _count_and_train(config: VocabConfig, files: CorpusFiles, output_dir: Path) 
         words += sum(row["counts"])
         records += row["records"]
         for line in row["rejects"]:
-            rejects.write(*json.loads(line))
+            rejects.write(line)
         progress.update(records=records, words=words, unique_words=len(counts.counts))
     rejects.close()
     if records == 0:

@@ -1,4 +1,4 @@
-"""Serve import path for the jbert fill-mask / PLL scoring endpoint (the code is in `jbert_ray.serving`).
+"""Serve import path for the jbert fill-mask / PLL scoring endpoint (the code is in `jbert_ray.serve`).
 
     serve run serve.app:app model_dir=/path/to/model_dir        # or: JBERT_MODEL_DIR=/path/to/model_dir serve run serve.app:app
     serve run serve.app:app model_dir=DIR max_replicas=4 device=cuda num_gpus=1
@@ -9,7 +9,7 @@
 Set JBERT_API_TOKEN to require `Authorization: Bearer <token>` on every route but /healthz.
 """
 
-from jbert_ray.serving import FillMaskDeployment, ServeArgs, build_app
+from jbert_ray.serve import FillMaskDeployment, ServeArgs, build_app
 
 app = build_app  # Serve calls app(args) with the `key=value` arguments
 

@@ -1,5 +1,5 @@
 """`jbert pretrain`'s settings: `PretrainConfig` (its fields and comments are the command's flags, through
-config_flags.py) and `WorkerConfig`, what the driver sends each Ray Train worker."""
+cli/flags.py) and `WorkerConfig`, what the driver sends each Ray Train worker."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from jbert_ray.outputs import OutputLock, check_output
+from jbert_ray.outputs import OutputLock, check_output, prepared
 from jbert_ray.pretrain.checks import check_batch, check_inputs, check_resources, check_run_dir
 from jbert_ray.pretrain.config import PretrainConfig, WorkerConfig
 from jbert_ray.pretrain.loop import train_loop_per_worker
@@ -61,7 +61,7 @@ def prepare_pretraining(cfg: PretrainConfig) -> PreparedPretraining:
 
 def run_pretraining(job: PretrainConfig | PreparedPretraining) -> dict:
     """Train on the connected Ray cluster (resuming if the run dir has checkpoints), export model/."""
-    job = job if isinstance(job, PreparedPretraining) else prepare_pretraining(job)
+    job = prepared(job, PreparedPretraining, prepare_pretraining)
     try:
         with _driver_settings():
             return _pretrain(job)

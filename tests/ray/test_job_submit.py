@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jbert_ray.serving import free_port
+from jbert_ray.serve import free_port
 from tests.conftest import REPO, SAMPLE_PATH, can_make_namespaces
 
 # Where namespaces can be made (root, as in CI) tests/ray/test_two_nodes.py submits every job to a two-node cluster;
@@ -80,7 +80,7 @@ def test_every_job_runs_under_ray_job_submit(head, tmp_path):
     corpus.write_text("".join(SAMPLE_PATH.read_text(encoding="utf-8").splitlines(True)[:1500]), encoding="utf-8")
     tokenizer, shards, run, scores = (tmp_path / name for name in ("tokenizer", "shards", "run", "scores"))
 
-    submit(head, "jobs.build_vocab", "--input", str(corpus), "--out", str(tokenizer), "--vocab-size", "2000",
+    submit(head, "jobs.vocab", "--input", str(corpus), "--out", str(tokenizer), "--vocab-size", "2000",
            "--no-progress")
     assert (tokenizer / "vocab.txt").is_file()
 

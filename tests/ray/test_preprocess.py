@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from jbert_ray.cli import main
-from jbert_ray.cli_data import PADDING_WARNING
+from jbert_ray.cli.data import PADDING_WARNING
 from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig, run_preprocess
 from jbert_ray.shards import inspect_shards

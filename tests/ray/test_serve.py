@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jbert_ray.serving import ServeArgs, build_app, free_port
+from jbert_ray.serve import ServeArgs, build_app, free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_config_yaml_is_a_valid_serve_config():
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
     (app,) = config.applications
-    assert app.import_path == "jbert_ray.serving:build_app" and config.http_options.host == "127.0.0.1"
+    assert app.import_path == "jbert_ray.serve:build_app" and config.http_options.host == "127.0.0.1"
     assert ServeArgs(**app.args).max_queued_requests > 0  # every arg is a ServeArgs field
 
 

@@ -187,7 +187,7 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
 
     _mark("corpus uploaded")
 
-    nodes.submit("jobs.build_vocab", "--input", f"{bucket}/corpus/", "--out", f"{bucket}/tokenizer",
+    nodes.submit("jobs.vocab", "--input", f"{bucket}/corpus/", "--out", f"{bucket}/tokenizer",
                  "--vocab-size", "2000", "--no-progress")  # fmt: skip
     assert "tokenizer/vocab.txt" in nodes.store(f"Store('{bucket}').files('tokenizer')")
 

@@ -188,7 +188,7 @@ def test_unwritable_output_is_a_clear_error(ray_cluster, planted_corpus, tmp_pat
 
 def test_cli_user_errors_exit_2_without_traceback_and_without_starting_ray(tmp_path):
     cases = [
-        ["-m", "jobs.build_vocab", "--input", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")],
+        ["-m", "jobs.vocab", "--input", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")],
         ["-m", "jbert_ray.cli", "tokenize", "--tokenizer", str(tmp_path), "東京"],
     ]
     for args in cases:
@@ -198,7 +198,7 @@ def test_cli_user_errors_exit_2_without_traceback_and_without_starting_ray(tmp_p
 
 
 def test_help_documents_the_commands():
-    result = subprocess.run([sys.executable, "-m", "jobs.build_vocab", "--help"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "jobs.vocab", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--vocab-size" in result.stdout and "--input" in result.stdout
 

@@ -7,13 +7,13 @@ import re
 import pytest
 
 from jbert_ray.cli import main
-from jbert_ray.cli_data import PREPROCESS_FLAGS, VOCAB_FLAGS
-from jbert_ray.cli_model import PRETRAIN_FLAGS, SCORE_FLAGS, SERVE_FLAGS
+from jbert_ray.cli.data import PREPROCESS_FLAGS, VOCAB_FLAGS
+from jbert_ray.cli.model import PRETRAIN_FLAGS, SCORE_FLAGS, SERVE_FLAGS
 from jbert_ray.errors import UserError
 from jbert_ray.preprocess import PreprocessConfig
 from jbert_ray.pretrain.config import PretrainConfig
-from jbert_ray.scoring import ScoreConfig
-from jbert_ray.serving import ServeArgs
+from jbert_ray.score import ScoreConfig
+from jbert_ray.serve import ServeArgs
 from jbert_ray.vocab import VocabConfig
 
 RAY_FLAGS = {"--num-cpus", "--verbose"}
@@ -108,8 +108,8 @@ def test_inputs_are_checked_before_ray_starts(argv, message, tmp_path, capsys, m
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the inputs were checked")
 
-    monkeypatch.setattr("jbert_ray.cli_data.init_ray", no_ray)
-    monkeypatch.setattr("jbert_ray.cli_model.init_ray", no_ray)
+    monkeypatch.setattr("jbert_ray.cli.data.init_ray", no_ray)
+    monkeypatch.setattr("jbert_ray.cli.model.init_ray", no_ray)
     (tmp_path / "c.jsonl").write_text('{"text": "東京は日本の首都です。"}\n', encoding="utf-8")
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
     assert message in capsys.readouterr().err

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from jbert_ray.score import SCHEMA
 from jbert_ray.score_stats import BIN_NATS, Totals, part_stats
-from jbert_ray.scoring import SCHEMA
 
 
 def scored_table(values: list[float | None], errors: list[str]) -> pa.Table:

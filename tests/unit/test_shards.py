@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from jbert_ray.errors import UserError
-from jbert_ray.shard_records import batch_key, line_ranges, merge_ranges
+from jbert_ray.shard_manifest import batch_key, line_ranges, merge_ranges
 from jbert_ray.shards import MANIFEST, ShardsDir
 from jbert_ray.storage import Store
 

@@ -1,6 +1,6 @@
-"""The terminal filter (cli_common) keeps Ray's own lines out of a user's terminal and nothing else: a stderr
-that stalls, closes (EPIPE) or hangs up (EIO) never blocks or fails native writers, and a changed Ray signature
-still prints."""
+"""The terminal filter (cli.ray_runtime) keeps Ray's own lines out of a user's terminal and nothing else: a
+stderr that stalls, closes (EPIPE) or hangs up (EIO) never blocks or fails native writers, and a changed Ray
+signature still prints."""
 
 import os
 import pty
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jbert_ray import cli_common
+from jbert_ray.cli import ray_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_LINE = b"[2026-11-30 12:47:31,066 E 26963 26963] core_worker.cc:2465: Actor with class name: 'A' ...\n"
@@ -38,7 +38,7 @@ def recorded_print(monkeypatch) -> list:
 
     calls = []
     monkeypatch.setattr(worker, "print_to_stdstream", lambda *args, **kwargs: calls.append((args, kwargs)))
-    cli_common._hide_ray_notices()
+    ray_runtime._hide_ray_notices()
     return calls
 
 
@@ -46,7 +46,7 @@ def start_filter(write_fd: int) -> tuple[int, threading.Thread]:
     """The filter reading a fresh pipe and forwarding to `write_fd`: the pipe's write end and the thread."""
     read_end, write_end = os.pipe()
     filter_thread = threading.Thread(
-        target=cli_common._forward_without_ray_lines, args=(read_end, write_fd), daemon=True
+        target=ray_runtime._forward_without_ray_lines, args=(read_end, write_fd), daemon=True
     )
     filter_thread.start()
     return write_end, filter_thread
@@ -106,7 +106,7 @@ def test_a_stalled_reader_loses_no_line_once_it_reads_again():
 def test_a_command_whose_stderr_is_gone_still_finishes(gone_stderr):
     """The real filter on the process's fd 2, in a child: it writes several pipe buffers of native lines."""
     child = (
-        "import os; from jbert_ray import cli_common; cli_common._keep_native_ray_lines_in_logs()\n"
+        "import os; from jbert_ray.cli import ray_runtime; ray_runtime._keep_native_ray_lines_in_logs()\n"
         f"for _ in range({NUM_LINES}): os.write(2, {OTHER_LINE!r})\n"
         "print('finished', flush=True)"
     )
@@ -154,7 +154,7 @@ def test_with_the_installed_ray_errors_print_and_notices_do_not(monkeypatch, cap
     from ray._private import worker
 
     monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # undone after the test
-    cli_common._hide_ray_notices()
+    ray_runtime._hide_ray_notices()
     worker.print_to_stdstream({**NOTICE, "is_err": False}, ignore_prefix=False)
     worker.print_to_stdstream({**ERROR, "is_err": False}, ignore_prefix=False)
     printed = capsys.readouterr().out

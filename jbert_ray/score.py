@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 from jbert_ray.corpus import CorpusFiles, corpus_format, estimate_rows, read_corpus, resolve_paths
 from jbert_ray.errors import UserError
 from jbert_ray.inference import LONG_TEXT_POLICIES, PLL_METHODS
-from jbert_ray.outputs import OutputLock, check_output, clear_output
+from jbert_ray.outputs import OutputLock, check_output, check_resume_or_overwrite, clear_output, prepared
 from jbert_ray.progress import ScoredCounter, ScoreProgress
 from jbert_ray.resources import ACTOR_CPUS, cluster_cpus
 from jbert_ray.score_filter import write_filtered
 from jbert_ray.score_stats import Totals, part_stats
-from jbert_ray.shard_records import batch_key, line_ranges, merge_ranges
+from jbert_ray.shard_manifest import batch_key, line_ranges, merge_ranges
 from jbert_ray.storage import Store
 
 STAGE = "score"
@@ -103,8 +103,7 @@ class ScoreConfig:
             raise UserError("--filter-percentile must be in [0, 100)")
         if self.method not in PLL_METHODS or self.long_text not in LONG_TEXT_POLICIES:
             raise UserError(f"--method is one of {PLL_METHODS}, --long-text one of {LONG_TEXT_POLICIES}")
-        if self.resume and self.overwrite:
-            raise UserError("give --resume or --overwrite, not both")
+        check_resume_or_overwrite(self.resume, self.overwrite)
 
 
 class CorpusScorer:
@@ -230,7 +229,7 @@ def prepare_scoring(config: ScoreConfig) -> PreparedScoring:
 
 def run_scoring(job: ScoreConfig | PreparedScoring) -> dict:
     """Score the corpus on the cluster; write parts, summary.json, a histogram and the optional filtered corpus."""
-    config, files, out, lock = job if isinstance(job, PreparedScoring) else prepare_scoring(job)
+    config, files, out, lock = prepared(job, PreparedScoring, prepare_scoring)
     try:
         return _score(config, files, out, lock)
     finally:

@@ -4,12 +4,17 @@ earlier run built."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import time
 import urllib.request
 from pathlib import Path
 
-SAMPLE_PATH = Path(__file__).parent / "sample" / "ja_sample.jsonl"
+from jbert_ray.cli.common import add_ray_flags
+from jbert_ray.cli.ray_runtime import init_ray
+
+SAMPLE_PATH = Path(__file__).parents[1] / "sample" / "ja_sample.jsonl"
 VALID_SHARE = 0.025  # of the sample's source files, held out for scoring (PLL costs a forward pass per token)
 DEMO_VOCAB_SIZE = 8000  # the sample has ~6k distinct MeCab words; 8000 leaves room for pieces
 # Pretraining budget. On 2 CPUs three minutes is the edge of the particle plateau (valid accuracy 35%, 30%, 16% in
@@ -20,6 +25,30 @@ FILL_MASK_TEXTS = [  # fixed before any tuning
     "[MASK]メニューから印刷を選択します。",
     "このダイアログでフォントの[MASK]を変更できます。",
 ]
+
+
+def add_demo_flags(sub: argparse.ArgumentParser) -> None:
+    """--work-dir, --minutes and the Ray flags."""
+    sub.add_argument("--work-dir", default="runs/demo", help="where artifacts go; a re-run reuses them")
+    sub.add_argument(
+        "--minutes", type=float, default=DEMO_MINUTES, help="pretraining budget of the mini model"
+    )
+    add_ray_flags(sub)
+
+
+def run_demo_command(args: argparse.Namespace) -> None:
+    """Start a local Ray, run the demo, list its artifacts."""
+    import ray
+
+    started = time.perf_counter()
+    init_ray(args.num_cpus, show_progress=not args.no_progress, verbose=args.verbose)
+    try:
+        artifacts = run_demo(args.work_dir, minutes=args.minutes, show_progress=not args.no_progress)
+    finally:
+        ray.shutdown()
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; artifacts:")
+    for name, path in artifacts.items():
+        print(f"[demo]   {name:<16} {path}")
 
 
 def run_demo(work_dir: str | Path, minutes: float = DEMO_MINUTES, show_progress: bool = True) -> dict[str, Path]:
@@ -99,7 +128,7 @@ def _pretrain(paths: dict[str, Path], minutes: float, show_progress: bool) -> No
 
 
 def _score(paths: dict[str, Path], show_progress: bool) -> None:
-    from jbert_ray.scoring import ScoreConfig, run_scoring
+    from jbert_ray.score import ScoreConfig, run_scoring
 
     if _reuse(paths["scores"] / "summary.json", "score"):
         return
@@ -113,7 +142,7 @@ def _score(paths: dict[str, Path], show_progress: bool) -> None:
 def _serve_and_ask(model_dir: Path) -> None:
     from ray import serve
 
-    from jbert_ray.serving import ServeArgs, build_app, free_port
+    from jbert_ray.serve import ServeArgs, build_app, free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

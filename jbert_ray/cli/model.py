@@ -1,12 +1,14 @@
-"""`jbert pretrain`, `jbert score`, `jbert serve` and `jbert demo`: train a model, then use it."""
+"""`jbert pretrain`, `jbert score`, `jbert serve` (and `jbert demo`, from cli.demo): train a model, use it."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray, stop_on_signals
-from jbert_ray.config_flags import Flag, add_config_flags, config_from_args
+from jbert_ray.cli.common import add_command, add_ray_flags, by_reason
+from jbert_ray.cli.demo import add_demo_flags, run_demo_command
+from jbert_ray.cli.flags import Flag, add_config_flags, config_from_args
+from jbert_ray.cli.ray_runtime import init_ray, stop_on_signals
 from jbert_ray.errors import Stopped, UserError
 
 
@@ -22,7 +24,7 @@ def add_model_commands(commands, selected: str | None) -> None:
                 "Serve POST /fill-mask and POST /score over HTTP with Ray Serve (until Ctrl-C).",
                 _add_serve, _run_serve)  # fmt: skip
     add_command(commands, selected, "demo", "Run the whole path on the bundled Japanese sample with a local Ray.",
-                _add_demo, _run_demo)  # fmt: skip
+                add_demo_flags, run_demo_command)  # fmt: skip
 
 
 PRETRAIN_FLAGS = {
@@ -85,14 +87,14 @@ SCORE_FLAGS = {
 
 
 def _add_score(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.scoring import ScoreConfig
+    from jbert_ray.score import ScoreConfig
 
     add_config_flags(sub, ScoreConfig, SCORE_FLAGS)
     add_ray_flags(sub, progress=False)
 
 
 def _run_score(args: argparse.Namespace) -> None:
-    from jbert_ray.scoring import ScoreConfig, prepare_scoring, run_scoring, scored_rows
+    from jbert_ray.score import ScoreConfig, prepare_scoring, run_scoring, scored_rows
 
     config = config_from_args(ScoreConfig, args, SCORE_FLAGS)
     job = prepare_scoring(config)  # corpus, model and output checks fail before Ray starts
@@ -118,34 +120,6 @@ def _run_score(args: argparse.Namespace) -> None:
         print(f"score: kept {f['rows_kept']:,} rows with PLL/token ≥ {f['threshold']:.3f} → {f['path']}")
 
 
-def _add_demo(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.demo import DEMO_MINUTES
-
-    sub.add_argument("--work-dir", default="runs/demo", help="where artifacts go; a re-run reuses them")
-    sub.add_argument(
-        "--minutes", type=float, default=DEMO_MINUTES, help="pretraining budget of the mini model"
-    )
-    add_ray_flags(sub)
-
-
-def _run_demo(args: argparse.Namespace) -> None:
-    import time
-
-    import ray
-
-    from jbert_ray.demo import run_demo
-
-    started = time.perf_counter()
-    init_ray(args.num_cpus, show_progress=not args.no_progress, verbose=args.verbose)
-    try:
-        artifacts = run_demo(args.work_dir, minutes=args.minutes, show_progress=not args.no_progress)
-    finally:
-        ray.shutdown()
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; artifacts:")
-    for name, path in artifacts.items():
-        print(f"[demo]   {name:<16} {path}")
-
-
 SERVE_FLAGS = {
     "model_dir": Flag("--model", metavar="MODEL_DIR|URI"),
     "num_cpus": Flag("--replica-cpus"),  # --num-cpus is the local Ray's
@@ -156,7 +130,7 @@ SERVE_FLAGS = {
 
 
 def _add_serve(sub: argparse.ArgumentParser) -> None:
-    from jbert_ray.serving import ServeArgs
+    from jbert_ray.serve import ServeArgs
 
     sub.add_argument(
         "--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)"
@@ -168,7 +142,7 @@ def _add_serve(sub: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> None:
     from jbert_ray.inference import check_model_location
-    from jbert_ray.serving import ServeArgs, high_throughput_env, run_server
+    from jbert_ray.serve import ServeArgs, high_throughput_env, run_server
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not within 1..65535")

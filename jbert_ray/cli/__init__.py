@@ -1,4 +1,4 @@
-"""`jbert` command line: flags generated from the config classes (config_flags), one `run_*` function per command.
+"""`jbert` command line: flags generated from the config classes (cli.flags), one `run_*` function per command.
 
 The jobs/ entrypoints (`ray job submit -- python -m jobs.<name>`) call this same `main`, so a cluster run and a
 laptop run take the same flags. A user mistake prints one line and exits 2; a bug keeps its traceback.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jbert_ray.cli_data import add_data_commands
-from jbert_ray.cli_model import add_model_commands
+from jbert_ray.cli.data import add_data_commands
+from jbert_ray.cli.model import add_model_commands
 from jbert_ray.errors import Stopped, UserError
 
 EXIT_USER_ERROR = 2
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `jbert` parser: one subcommand per stage (cli_data: corpus side; cli_model: model side), with the flags
+    """The `jbert` parser: one subcommand per stage (cli.data: corpus side; cli.model: model side), with the flags
     of `command` (generated from its config class)."""
     parser = argparse.ArgumentParser(
         prog="jbert",
@@ -61,7 +61,3 @@ def _find_user_error(error: BaseException) -> UserError | None:
             found = error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
     return found
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Batch records of `jbert preprocess`: which input lines a batch covered (for resume), and the manifest summed
-from the records' counts. Pure functions, no I/O."""
+"""The shards manifest and done-range bookkeeping of `jbert preprocess`: which input lines a batch covered
+(for resume), and the manifest summed from the batch records' counts. Pure functions, no I/O."""
 
 from __future__ import annotations
 

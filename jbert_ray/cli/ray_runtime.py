@@ -1,8 +1,9 @@
-"""What every `jbert` command shares: its subparser, the Ray flags, the local Ray, summary counts."""
+"""The Ray a `jbert` command runs on: connect to (or start) Ray; keep Ray's own output (its loggers, the
+raylet's notices, the C++ core's lines on fd 2) out of the user's terminal; Ray Data's progress bars; SIGTERM
+as Ctrl-C."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -10,7 +11,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 # A line of Ray's C++ logging (`[2026-11-30 12:47:31,066 E 26963 26963] core_worker.cc:2465: ...`), below FATAL.
@@ -19,37 +20,6 @@ _RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE]
 # size (our stages start an actor pool, a trainer and Ray Data's coordinators: several processes per CPU by design;
 # it stays in raylet.out) and Serve's controller ending itself during `serve.shutdown()`.
 _RAY_NOTICES = ("worker processes have been started on node", "Task ServeController.graceful_shutdown failed")
-
-
-def add_command(
-    commands, selected: str | None, name: str, help: str, add_flags: Callable, handler: Callable
-) -> None:
-    """A subcommand whose --help shows its defaults; `handler(args)` runs it. Its flags are added only when it is
-    the command being run (`selected`): they come from config classes whose modules import torch or Ray, which
-    `jbert --help` should not wait for."""
-    sub = commands.add_parser(
-        name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    sub.set_defaults(handler=handler)
-    if selected == name:
-        add_flags(sub)
-
-
-def add_ray_flags(sub: argparse.ArgumentParser, progress: bool = True) -> None:
-    """--num-cpus for the local Ray a standalone run starts, --verbose, and --no-progress for long work."""
-    sub.add_argument(
-        "--num-cpus",
-        type=int,
-        default=None,
-        help="CPUs of the local Ray a standalone run starts (not under `ray job submit`); None = all",
-    )
-    if progress:
-        sub.add_argument("--no-progress", action="store_true", help="hide progress bars and progress lines")
-    sub.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show the logs of Ray's workers and system actors (otherwise only in Ray's log directory)",
-    )
 
 
 def init_ray(num_cpus: int | None = None, show_progress: bool = True, verbose: bool = False) -> None:
@@ -188,8 +158,3 @@ def stop_on_signals() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def by_reason(counts: dict[str, int]) -> str:
-    """`empty=3, invalid_json=1` (or `none`) for summary lines."""
-    return ", ".join(f"{reason}={count:,}" for reason, count in sorted(counts.items())) or "none"

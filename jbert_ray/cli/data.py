@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from jbert_ray.cli_common import add_command, add_ray_flags, by_reason, init_ray
-from jbert_ray.config_flags import Flag, add_config_flags, config_from_args
+from jbert_ray.cli.common import add_command, add_ray_flags, by_reason
+from jbert_ray.cli.flags import Flag, add_config_flags, config_from_args
+from jbert_ray.cli.ray_runtime import init_ray
 from jbert_ray.errors import UserError
 
 PADDING_WARNING = 0.25  # share of padding in a batch padded to --max-seq-len above which preprocess warns
