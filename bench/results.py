@@ -1,5 +1,5 @@
 """Benchmark tables: printed as Markdown and kept as bench/results/NAME.json, from which bench/report.py builds the
-README's benchmark section (no figure is typed by hand)."""
+benchmark tables of docs/benchmarks.md (no figure is typed by hand)."""
 
 from __future__ import annotations
 
