@@ -24,17 +24,6 @@ SHARED_CORPUS = REPO.parent / "shared" / "corpus"  # train/valid; tests needing 
 TEST_VOCAB_SIZE = 4000
 
 
-# The longest files first, so the two xdist workers (pyproject's addopts) finish together: about 5, 9, 2.5, 2
-# and 4 minutes on 2 CPUs. A file not named here keeps its place after them.
-LONGEST_FIRST = ("test_two_nodes.py", "test_pretrain.py", "test_demo.py", "test_bench_gpu.py", "test_score.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the collected tests longest file first (a stable sort: the order inside a file is kept)."""
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def can_make_namespaces() -> bool:
     """Root with `ip` and `unshare`: the two-node test can build its hosts (network, mount, UTS namespaces)."""
     import shutil
