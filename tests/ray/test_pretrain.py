@@ -168,7 +168,7 @@ def test_a_time_budget_stops_on_time_and_a_resumed_run_keeps_its_schedule(ray_cl
     assert main(pretrain_argv(shards, out, "--time-budget", str(budget_s / 60), "--warmup-steps", "-1")) == 0
     rows = read_metrics(out / "metrics.csv")
     # Stopped at the first step past the budget; that step may include a restart of the stream (~5-10 s on 2 idle
-    # CPUs, twice that beside the other test worker) when this tiny model outruns its 3-epoch plan.
+    # CPUs, twice that on a loaded machine) when this tiny model outruns its 3-epoch plan.
     assert budget_s <= rows[-1]["elapsed_s"] < budget_s + 25
     assert time.perf_counter() - started < budget_s + 60  # start-up and export are outside the budget
     peak = 2e-3
