@@ -43,17 +43,15 @@ class ScoredCounter:
         return self.rows, self.tokens
 
 
-class ScoreProgress:
-    """While scoring runs, a line on stderr every `every_s`: rows, rows/s, tokens/s and an ETA from the estimated
-    rows left, read from the scorers' ScoredCounter actor."""
+class BackgroundLoop:
+    """A daemon thread that calls `tick()` every `period_s` seconds while its `with` block runs."""
 
-    def __init__(self, counter, rows_expected: int, every_s: float = 10.0):
-        self.counter, self.rows_expected, self.every_s = counter, rows_expected, every_s
-        self.start = time.perf_counter()
+    def __init__(self, name: str, period_s: float):
+        self.period_s = period_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="score-progress", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def __enter__(self) -> ScoreProgress:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -61,15 +59,31 @@ class ScoreProgress:
         self._stop.set()
         self._thread.join()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.tick()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class ScoreProgress(BackgroundLoop):
+    """While scoring runs, a line on stderr every `every_s`: rows, rows/s, tokens/s and an ETA from the estimated
+    rows left, read from the scorers' ScoredCounter actor."""
+
+    def __init__(self, counter, rows_expected: int, every_s: float = 10.0):
+        super().__init__("score-progress", every_s)
+        self.counter, self.rows_expected = counter, rows_expected
+        self.start = time.perf_counter()
+
+    def tick(self) -> None:
         import ray
 
-        while not self._stop.wait(self.every_s):
-            try:
-                rows, tokens = ray.get(self.counter.totals.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 — a busy or gone counter: the next line tells
-                continue
-            print(self.line(rows, tokens, time.perf_counter() - self.start), file=sys.stderr, flush=True)
+        try:
+            rows, tokens = ray.get(self.counter.totals.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 — a busy or gone counter: the next line tells
+            return
+        print(self.line(rows, tokens, time.perf_counter() - self.start), file=sys.stderr, flush=True)
 
     def line(self, rows: int, tokens: int, seconds: float) -> str:
         """`score: 1,234 rows (≈12% of about 10,000), 23.1 rows/s, 812 tokens/s, ETA 3:10`."""

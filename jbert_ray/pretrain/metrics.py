@@ -9,13 +9,13 @@ import math
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from jbert_ray.pretrain.step import all_reduce
+from jbert_ray.progress import BackgroundLoop
 from jbert_ray.storage import Store
 
 METRICS_FILE = "metrics.csv"
@@ -178,32 +178,22 @@ def plot_curves(run: Store) -> str | None:
     return run.child("curves.png").location
 
 
-class MetricsWatcher:
+class MetricsWatcher(BackgroundLoop):
     """While training runs, print each new row of a run dir's metrics.csv (at most every `every_s`) on stderr."""
 
     def __init__(self, run, budget_min: float = 0.0, max_steps: int = 0, every_s: float = 10.0):
+        super().__init__("metrics-watcher", 1.0)
         self.run, self.budget_min, self.max_steps, self.every_s = run, budget_min, max_steps, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metrics-watcher", daemon=True)
+        self._shown_step, self._last = -1, 0.0
 
-    def __enter__(self) -> MetricsWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        shown_step, last = -1, 0.0
-        while not self._stop.wait(1.0):
-            try:
-                rows = metrics_rows(self.run)
-            except (ValueError, OSError):  # a row half written: read it next time
-                continue
-            if rows and rows[-1]["step"] != shown_step and time.perf_counter() - last >= self.every_s:
-                shown_step, last = rows[-1]["step"], time.perf_counter()
-                print(self.line(rows[-1]), file=sys.stderr, flush=True)
+    def tick(self) -> None:
+        try:
+            rows = metrics_rows(self.run)
+        except (ValueError, OSError):  # a row half written: read it next time
+            return
+        if rows and rows[-1]["step"] != self._shown_step and time.perf_counter() - self._last >= self.every_s:
+            self._shown_step, self._last = rows[-1]["step"], time.perf_counter()
+            print(self.line(rows[-1]), file=sys.stderr, flush=True)
 
     def line(self, row: dict) -> str:
         """`pretrain: step 120/1,000, loss 5.123, accuracy 21.3%, 3,010 tokens/s, 6.0/20 min` (+ valid)."""

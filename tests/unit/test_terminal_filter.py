@@ -159,3 +159,21 @@ def test_with_the_installed_ray_errors_print_and_notices_do_not(monkeypatch, cap
     worker.print_to_stdstream({**ERROR, "is_err": False}, ignore_prefix=False)
     printed = capsys.readouterr().out
     assert ERROR["lines"][0] in printed and "worker processes" not in printed
+
+
+def test_the_metrics_watcher_prints_each_new_row_of_a_run_once(tmp_path, capsys):
+    import time
+
+    from jbert_ray.pretrain.metrics import MetricsWatcher
+    from jbert_ray.storage import Store
+
+    run = Store(tmp_path)
+    header = "step,loss,accuracy,tokens_per_s,elapsed_s\n"
+    run.write_bytes("metrics.csv", (header + "10,5.5,0.12,3000,60\n").encode())
+    with MetricsWatcher(run, budget_min=20, max_steps=100, every_s=0):
+        time.sleep(1.5)
+        run.write_bytes("metrics.csv", (header + "10,5.5,0.12,3000,60\n20,4.25,0.2,3100,120\n").encode())
+        time.sleep(1.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["pretrain: step 10/100, loss 5.500, accuracy 12.0%, 3,000 tokens/s, 1.0/20 min",
+                     "pretrain: step 20/100, loss 4.250, accuracy 20.0%, 3,100 tokens/s, 2.0/20 min"]  # fmt: skip
