@@ -4,6 +4,9 @@
     python bench/serve.py --quick              # ~1-2 min smoke run
     python bench/serve.py --model MODEL_DIR    # any model dir (ours, or a Tohoku-style HF Japanese BERT)
 
+0. `jbert serve` with its default flags, as a user starts it (autoscaling from 1 to 2 replicas, 1 torch thread
+   each), under 8, 32 and 64 clients in turn: requests/s, p50, p99 and the replicas that answered, after a
+   warm-up long enough for autoscaling to act. The honest row: what a user gets without tuning.
 1. fill-mask over HTTP, N concurrent clients: Ray Serve (`jbert_ray.serve`, @serve.batch) vs a plain FastAPI app
    calling transformers `pipeline("fill-mask")` per request under `uvicorn --workers R`: as many worker processes
    as we get replicas, the same torch threads each (R × threads = the CPUs); requests/s, p50 and p99 of both. A
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--phases",
         default="auto",
-        help="comma-separated subset of baseline,serve,serve-noop,serve-bf16,score; auto = all (serve-noop: Serve "
+        help="comma-separated subset of defaults,baseline,serve,serve-haproxy,serve-noop,serve-bf16,score; auto = all "
+        "(defaults: "
+        "`jbert serve` with its default flags at 8, 32 and 64 clients; serve-noop: Serve "
         "around a model that does nothing, the ceiling on these CPUs; serve-bf16: Serve with bfloat16 weights, a "
         "separate row, only where the CPU has bf16 instructions)",
     )
@@ -95,8 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         phases = set(args.phases.split(","))
         if "auto" in phases:
-            phases = {"baseline", "serve", "serve-noop", "score"} | ({"serve-bf16"} if has_fast_bf16() else set())
-        if phases & {"baseline", "serve", "serve-noop", "serve-bf16"}:
+            phases = {"defaults", "baseline", "serve", "serve-haproxy", "serve-noop", "score"} | (
+                {"serve-bf16"} if has_fast_bf16() else set()
+            )
+        if "defaults" in phases:
+            rows = bench_defaults(model_dir, warm_s=10 if args.quick else 25, measure_s=10 if args.quick else 20)
+            publish("serve-defaults", f"`jbert serve` with default flags (autoscaling 1→2 replicas), "
+                    f"{describe(model_dir)}", ["clients", "requests/s", "p50 ms", "p99 ms", "replicas answering"],
+                    rows, at_start=at_start)  # fmt: skip
+        if phases & {"baseline", "serve", "serve-haproxy", "serve-noop", "serve-bf16"}:
             replicas = args.replicas or max(1, (os.cpu_count() or 1) // args.threads)
             rows = bench_http(model_dir, args.clients, requests_per_client, args.threads, replicas, phases)
             publish("serve", f"Serving fill-mask over HTTP: {args.clients} clients, {replicas} replicas or uvicorn "
@@ -194,6 +207,9 @@ def bench_http(
         ours = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas)
         rows.append(report(f"ours: `jbert serve`, {replicas} replica(s)", ours, baseline))
         print(f"  (ingress: {ours['ingress']})", flush=True)
+    if "serve-haproxy" in phases:
+        fast = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas, haproxy=True)
+        rows.append(report(f"ours with `--haproxy`, {replicas} replica(s)", fast, baseline))
     if "serve-noop" in phases:  # what Serve itself allows on these CPUs: the ceiling of the ratio above
         noop = run_noop_serve_load(bodies, clients, per_client, replicas)
         rows.append(report("Ray Serve around a no-op model (Serve's own ceiling)", noop, baseline))
@@ -201,6 +217,72 @@ def bench_http(
         half = run_serve_load(model_dir, bodies, clients, per_client, threads, replicas, dtype="bfloat16")
         rows.append(report("ours with bfloat16 weights (not the same arithmetic)", half, baseline))
     return rows
+
+
+def bench_defaults(model_dir: str, warm_s: float, measure_s: float) -> list[list]:
+    """`jbert serve --model M` (nothing else) under 8, 32 and 64 clients, each after `warm_s` of the same load."""
+
+    bodies = [{"text": t, "top_k": 5} for t in bench_sentences(model_dir, 256, masked=True)]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "jbert_ray.cli", "serve", "--model", model_dir,
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_until_up(f"{url}/healthz", server, timeout_s=180)
+        print("\n`jbert serve` with default flags:", flush=True)
+        for clients in (8, 32, 64):
+            timed_load(f"{url}/fill-mask", bodies, clients, warm_s)  # autoscaling sees the load meanwhile
+            replicas: set[str] = set()
+            sampler = threading.Thread(target=sample_replicas, args=(url, replicas, measure_s))
+            sampler.start()
+            result = timed_load(f"{url}/fill-mask", bodies, clients, measure_s)
+            sampler.join()
+            row = report(f"{clients} clients", result)
+            rows.append([*row[:4], str(len(replicas))])
+            print(f"    replicas answering: {len(replicas)}", flush=True)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(90)
+    return rows
+
+
+def sample_replicas(url: str, found: set[str], seconds: float) -> None:
+    """Add the replica ids that answer /info, asked twice a second for `seconds`."""
+    import requests
+
+    for _ in range(int(seconds * 2)):
+        found.add(requests.get(f"{url}/info", timeout=30).json()["replica"])
+        time.sleep(0.5)
+
+
+def timed_load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
+    """`clients` threads sending requests back to back for `seconds`."""
+    import requests
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(index: int, count: int, record: bool) -> None:
+        session, i = requests.Session(), 0
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            response = session.post(url, json=bodies[(index * 997 + i) % len(bodies)], timeout=300)
+            i += 1
+            with lock:
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors.append(f"{response.status_code} {response.text[:100]}")
+
+    start = time.perf_counter()
+    run_clients(client, clients, 0, record=True)
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "errors": len(errors), "first_error": errors[0] if errors else ""}  # fmt: skip
 
 
 def run_serve_load(
@@ -211,12 +293,13 @@ def run_serve_load(
     threads: int,
     replicas: int,
     dtype: str = "float32",
+    haproxy: bool = False,
 ) -> dict:
     from ray import serve
 
     from jbert_ray.serve import ServeArgs, build_app
 
-    with local_serve() as port:
+    with local_serve(haproxy) as port:
         cpus = min(threads, (os.cpu_count() or 1) / replicas)  # Ray resources only; threads set the real use
         args = ServeArgs(
             model_dir=model_dir,
@@ -267,16 +350,17 @@ def run_noop_serve_load(bodies: list[dict], clients: int, per_client: int, repli
 
 
 @contextlib.contextmanager
-def local_serve():
-    """A local Ray with Serve's HTTP proxy on a free loopback port; both stopped on exit."""
+def local_serve(haproxy: bool = False):
+    """A local Ray with Serve's ingress on a free loopback port; both stopped on exit."""
     import ray
     from ray import serve
 
     from jbert_ray.serve import high_throughput_env
 
-    # Ray's documented high-throughput mode (HAProxy ingress where installed), as `jbert serve` sets it.
-    for name, value in high_throughput_env().items():
-        os.environ.setdefault(name, value)
+    # Ray's documented high-throughput mode, as `jbert serve` (--haproxy) sets it; Ray reads it when it starts.
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+        os.environ.pop(name, None)
+    os.environ.update(high_throughput_env(haproxy))
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

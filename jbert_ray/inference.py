@@ -138,11 +138,16 @@ class MaskedLM:
 
     # ---- fill-mask ----
 
-    def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[list[list[Candidate]]]:
-        """For every [MASK] of every text, the top_k tokens by probability (a text without [MASK] gives [])."""
+    def fill_mask(
+        self, texts: Sequence[str], top_k: int = 5, targets: Sequence[str] | None = None
+    ) -> list[list[list[Candidate]]]:
+        """For every [MASK] of every text, the top_k tokens by probability (a text without [MASK] gives []).
+
+        targets: rank only these candidates (as the fill-mask pipeline's `targets`; at most top_k of them)."""
         if not 1 <= top_k <= self.vocab_size:
             raise UserError(f"top_k must be between 1 and the vocabulary size {self.vocab_size}, not {top_k}")
         texts = _as_texts(texts)
+        target_ids = None if targets is None else self.target_ids(targets)
         encodings = self.encode(texts)
         sequences, copies, owners = [], [], []  # owners[c] = (text index, mask index of the first read)
         for text_index, encoding in enumerate(encodings):
@@ -155,7 +160,13 @@ class MaskedLM:
         mask_id = self.tokenizer.mask_token_id
         results: list[list[list[Candidate]]] = [[[] for i in e.ids if i == mask_id] for e in encodings]
         for copy_indices, logits, offsets in self._logits_at(sequences, copies):
-            probs, ids = self._torch.softmax(logits, dim=-1).topk(top_k, dim=-1)  # (M, k)
+            probs = self._torch.softmax(logits, dim=-1)  # over the whole vocabulary, targets or not
+            if target_ids is None:
+                probs, ids = probs.topk(top_k, dim=-1)  # (M, k)
+            else:
+                chosen = self._torch.tensor(target_ids, device=probs.device)
+                probs, at = probs[:, chosen].topk(min(top_k, len(target_ids)), dim=-1)
+                ids = chosen[at]
             probs, ids = probs.tolist(), ids.tolist()
             for copy_index, offset in zip(copy_indices, offsets):
                 text_index, first_mask = owners[copy_index]
@@ -165,6 +176,23 @@ class MaskedLM:
                         for i, p in zip(ids[offset + j], probs[offset + j])
                     ]
         return results
+
+    def target_ids(self, targets: Sequence[str]) -> list[int]:
+        """Vocabulary ids of fill-mask targets: a piece as spelled ("##" optional), else the first token of its
+        tokenization (as the pipeline does); one that maps to [UNK] is a UserError."""
+        if isinstance(targets, str) or not targets:
+            raise UserError("targets must be a non-empty list of strings")
+        ids: dict[int, None] = {}  # in order, without repeats
+        for target in targets:
+            vocab = self.tokenizer.token_to_id
+            found = vocab.get(target, vocab.get(f"##{target}"))
+            if found is None:
+                content = self.tokenizer.encode(target, add_special_tokens=False).ids
+                found = content[0] if content else self.tokenizer.unk_token_id
+            if found == self.tokenizer.unk_token_id or found in self.tokenizer.special_ids:
+                raise UserError(f"target {target!r} is not in the vocabulary")
+            ids[found] = None
+        return list(ids)
 
     def _fill_mask_windows(self, text_index: int, content: list[int], masks: list[int]):
         """(window start, mask positions read in that window) for one text's content tokens."""

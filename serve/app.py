@@ -6,7 +6,8 @@
     curl -s localhost:8000/fill-mask -d '{"text": "東京は日本の[MASK]です。", "top_k": 5}'
 
 `app` is an application builder: Serve calls it with the `key=value` arguments (fields of ServeArgs).
-Set JBERT_API_TOKEN to require `Authorization: Bearer <token>` on every route but /healthz.
+Set JBERT_API_TOKEN in the replicas' environment to require `Authorization: Bearer <token>` on every route but
+/healthz.
 """
 
 from jbert_ray.serve import FillMaskDeployment, ServeArgs, build_app

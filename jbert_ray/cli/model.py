@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 
 from jbert_ray.cli.common import add_command, add_ray_flags, by_reason
 from jbert_ray.cli.demo import add_demo_flags, run_demo_command
 from jbert_ray.cli.flags import Flag, add_config_flags, config_from_args
-from jbert_ray.cli.ray_runtime import init_ray, stop_on_signals
+from jbert_ray.cli.ray_runtime import init_ray, stop_on_signals, stop_ray_and_its_processes
 from jbert_ray.errors import Stopped, UserError
 
 
@@ -125,7 +126,6 @@ SERVE_FLAGS = {
     "num_cpus": Flag("--replica-cpus"),  # --num-cpus is the local Ray's
     "num_gpus": Flag("--replica-gpus"),
     "num_threads": Flag("--threads"),
-    "api_token": Flag(hidden=True),  # from JBERT_API_TOKEN only: a flag would show the token in `ps`
 }
 
 
@@ -136,21 +136,44 @@ def _add_serve(sub: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)"
     )
     sub.add_argument("--port", type=int, default=8000, help="HTTP port")
+    sub.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="HAProxy in front of the replicas (Ray's high-throughput ingress); it also opens HAProxy's stats "
+        "(8404) and metrics (9101) ports on every interface",
+    )
+    sub.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback --host without JBERT_API_TOKEN (anyone who can reach it may use it)",
+    )
     add_config_flags(sub, ServeArgs, SERVE_FLAGS)
     add_ray_flags(sub, progress=False)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
     from jbert_ray.inference import check_model_location
-    from jbert_ray.serve import ServeArgs, high_throughput_env, run_server
+    from jbert_ray.serve import API_TOKEN_ENV, ServeArgs, high_throughput_env, run_server
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not within 1..65535")
-    serve_args = config_from_args(ServeArgs, args, SERVE_FLAGS)  # JBERT_API_TOKEN, when set, turns on auth
+    # The token is read only from the environment (a flag would show in `ps`), by each replica.
+    if not _is_loopback(args.host) and not os.environ.get(API_TOKEN_ENV) and not args.allow_unauthenticated:
+        raise UserError(f"--host {args.host} serves other machines: set {API_TOKEN_ENV} to require a bearer token, "
+                        "or pass --allow-unauthenticated")  # fmt: skip
+    serve_args = config_from_args(ServeArgs, args, SERVE_FLAGS)
     check_model_location(serve_args.model_dir)  # fail before starting Ray
-    # Ray's documented high-throughput mode (HAProxy in front of the replicas): it only applies to a Ray started
-    # by this command; a cluster needs it in its own environment (serve/config.yaml says how).
-    for name, value in high_throughput_env().items():
+    # Ray's documented high-throughput mode: it only applies to a Ray started by this command; a cluster needs it
+    # in its own environment (serve/config.yaml says how).
+    for name, value in high_throughput_env(args.haproxy).items():
         os.environ.setdefault(name, value)
     init_ray(args.num_cpus, show_progress=False, verbose=args.verbose)
-    run_server(serve_args, host=args.host, port=args.port)
+    with stop_ray_and_its_processes():  # HAProxy included, whichever signal stopped us
+        run_server(serve_args, host=args.host, port=args.port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 # A line of Ray's C++ logging (`[2026-11-30 12:47:31,066 E 26963 26963] core_worker.cc:2465: ...`), below FATAL.
 _RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] [\w./-]+:\d+: ")
@@ -158,3 +159,46 @@ def stop_on_signals() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def stop_ray_and_its_processes() -> Iterator[None]:
+    """After the block, shut down the Ray this process started and kill what of its process tree survived it
+    (a HAProxy a killed actor left behind), so that a stopped command leaves nothing running or listening."""
+    import ray
+
+    try:
+        yield
+    finally:
+        started = _descendants(os.getpid())
+        ray.shutdown()
+        for pid in filter(_alive, started):  # an orphan is no longer our descendant, but it is still alive
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _descendants(root: int) -> set[int]:
+    """Pids under `root` in the process tree (Linux /proc; an empty set elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ")"
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

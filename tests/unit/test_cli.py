@@ -22,7 +22,7 @@ COMMANDS = [  # command, config class, its flag table, flags of the command itse
     ("preprocess", PreprocessConfig, PREPROCESS_FLAGS, RAY_FLAGS),
     ("pretrain", PretrainConfig, PRETRAIN_FLAGS, RAY_FLAGS),
     ("score", ScoreConfig, SCORE_FLAGS, RAY_FLAGS),
-    ("serve", ServeArgs, SERVE_FLAGS, RAY_FLAGS | {"--host", "--port"}),
+    ("serve", ServeArgs, SERVE_FLAGS, RAY_FLAGS | {"--host", "--port", "--haproxy", "--allow-unauthenticated"}),
 ]
 
 
@@ -113,3 +113,24 @@ def test_inputs_are_checked_before_ray_starts(argv, message, tmp_path, capsys, m
     (tmp_path / "c.jsonl").write_text('{"text": "東京は日本の首都です。"}\n', encoding="utf-8")
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "myhost.example"])
+def test_serving_beyond_loopback_needs_a_token_or_an_explicit_flag(host, tiny_model_dir, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr("jbert_ray.cli.model.init_ray", lambda *a, **k: started.append(1) or 1 / 0)
+    monkeypatch.delenv("JBERT_API_TOKEN", raising=False)
+    assert main(["serve", "--model", str(tiny_model_dir), "--host", host]) == 2
+    assert "set JBERT_API_TOKEN" in capsys.readouterr().err and not started
+    for allowed in (["--allow-unauthenticated"], []):  # the flag, or a token in the environment
+        monkeypatch.setenv("JBERT_API_TOKEN", "" if allowed else "s3cret")
+        with pytest.raises(ZeroDivisionError):  # got past the check, to where Ray would start
+            main(["serve", "--model", str(tiny_model_dir), "--host", host, *allowed])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_needs_no_token(host, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("jbert_ray.cli.model.init_ray", lambda *a, **k: 1 / 0)
+    monkeypatch.delenv("JBERT_API_TOKEN", raising=False)
+    with pytest.raises(ZeroDivisionError):
+        main(["serve", "--model", str(tiny_model_dir), "--host", host])

@@ -130,6 +130,28 @@ def test_fill_mask_matches_the_transformers_pipeline(lm, tiny_model_dir):
             )
 
 
+def test_fill_mask_targets_rank_only_those_tokens_as_the_pipeline_does(lm, tiny_model_dir):
+    from transformers import pipeline
+
+    text = "東京は日本の[MASK]です。"
+    everything = lm.fill_mask([text], top_k=lm.vocab_size)[0][0]
+    words = [c for c in everything if lm.tokenizer.vocab[c["token_id"]] == c["token"]][::50][:6]  # no "##"
+    targets = [c["token"] for c in words]
+    ours = lm.fill_mask([text], top_k=4, targets=targets)[0][0]
+    assert [c["token"] for c in ours] == targets[:4]  # the same order as over the whole vocabulary
+    assert [c["score"] for c in ours] == pytest.approx([c["score"] for c in words[:4]], abs=1e-6)
+    theirs = pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")(text, targets=targets, top_k=4)
+    assert [r["token"] for r in theirs] == [c["token_id"] for c in ours]
+    assert [r["score"] for r in theirs] == pytest.approx([c["score"] for c in ours], abs=1e-5)
+    assert len(lm.fill_mask([text], top_k=50, targets=targets[:2])[0][0]) == 2
+
+
+@pytest.mark.parametrize("targets", [[], "東京", ["[PAD]"], ["\u2603\u2603"]])
+def test_fill_mask_rejects_targets_outside_the_vocabulary(lm, targets):
+    with pytest.raises(UserError, match="targets must be|not in the vocabulary"):
+        lm.fill_mask(["東京は日本の[MASK]です。"], targets=targets)
+
+
 def test_fill_mask_returns_top_k_per_mask_without_continuation_prefix(lm):
     results = lm.fill_mask(["[MASK]は[MASK]。", "マスクなし"], top_k=50)
     assert [len(r) for r in results] == [2, 0]
