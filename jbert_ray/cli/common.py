@@ -24,6 +24,7 @@ def add_ray_flags(sub: argparse.ArgumentParser, progress: bool = True) -> None:
     """--num-cpus for the local Ray a standalone run starts, --verbose, and --no-progress for long work."""
     sub.add_argument(
         "--num-cpus",
+        dest="ray_num_cpus",  # not `num_cpus`: that is a setting of ServeArgs (--replica-cpus)
         type=int,
         default=None,
         help="CPUs of the local Ray a standalone run starts (not under `ray job submit`); None = all",

@@ -51,7 +51,7 @@ def _run_vocab(args: argparse.Namespace) -> None:
 
     config = config_from_args(VocabConfig, args, VOCAB_FLAGS)
     job = prepare_vocab(config)  # a missing corpus fails here, before Ray spends seconds starting
-    init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     summary = run_vocab(job)
     rejected = by_reason(summary["rejects_by_reason"])
     print(
@@ -90,7 +90,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
         )
     config = config_from_args(PreprocessConfig, args, PREPROCESS_FLAGS)
     job = prepare_preprocess(config)  # tokenizer, corpus and output checks fail before Ray starts
-    init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     m = run_preprocess(job)
     rejected = by_reason(m["rejects_by_reason"])
     if m["padding_waste"] > PADDING_WARNING:

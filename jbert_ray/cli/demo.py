@@ -41,7 +41,7 @@ def run_demo_command(args: argparse.Namespace) -> None:
     import ray
 
     started = time.perf_counter()
-    init_ray(args.num_cpus, show_progress=not args.no_progress, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=not args.no_progress, verbose=args.verbose)
     try:
         artifacts = run_demo(args.work_dir, minutes=args.minutes, show_progress=not args.no_progress)
     finally:

@@ -64,7 +64,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 
     config = config_from_args(PretrainConfig, args, PRETRAIN_FLAGS)
     job = prepare_pretraining(config)  # shards, model config and --init-from checks fail before Ray starts
-    init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     r = run_pretraining(job)
     evaluated = (
         f", valid loss {r['eval_loss']:.3f}, accuracy {r['eval_accuracy']:.1%}" if r["eval_loss"] else ""
@@ -99,7 +99,7 @@ def _run_score(args: argparse.Namespace) -> None:
 
     config = config_from_args(ScoreConfig, args, SCORE_FLAGS)
     job = prepare_scoring(config)  # corpus, model and output checks fail before Ray starts
-    init_ray(args.num_cpus, show_progress=config.show_progress, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     try:
         with stop_on_signals():
             summary = run_scoring(job)
@@ -167,7 +167,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     # in its own environment (serve/config.yaml says how).
     for name, value in high_throughput_env(args.haproxy).items():
         os.environ.setdefault(name, value)
-    init_ray(args.num_cpus, show_progress=False, verbose=args.verbose)
+    init_ray(args.ray_num_cpus, show_progress=False, verbose=args.verbose)
     with stop_ray_and_its_processes():  # HAProxy included, whichever signal stopped us
         run_server(serve_args, host=args.host, port=args.port)
 

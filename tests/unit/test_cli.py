@@ -134,3 +134,18 @@ def test_loopback_needs_no_token(host, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("JBERT_API_TOKEN", raising=False)
     with pytest.raises(ZeroDivisionError):
         main(["serve", "--model", str(tiny_model_dir), "--host", host])
+
+
+@pytest.mark.parametrize("argv, ray_cpus, replica_cpus", [
+    ([], None, 1.0),
+    (["--num-cpus", "2"], 2, 1.0),
+    (["--num-cpus", "2", "--replica-cpus", "0.5"], 2, 0.5),
+])  # fmt: skip
+def test_serve_keeps_the_local_rays_cpus_apart_from_each_replicas(argv, ray_cpus, replica_cpus):
+    """Both were `num_cpus`: a plain `jbert serve` started a 1-CPU Ray, where a second replica never fit."""
+    from jbert_ray.cli import build_parser
+    from jbert_ray.cli.flags import config_from_args
+
+    args = build_parser("serve").parse_args(["serve", "--model", "m", *argv])
+    assert args.ray_num_cpus == ray_cpus
+    assert config_from_args(ServeArgs, args, SERVE_FLAGS).num_cpus == replica_cpus
