@@ -378,6 +378,7 @@ class FillMaskDeployment:
             "device": str(self.lm.device),
             "dtype": self.args.dtype,
             "replica": context.replica_id.to_full_id_str(),
+            "pid": os.getpid(),  # of this replica's process
             "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "serve-proxy",
             "batching": {
                 "max_batch_size": self.args.max_batch_size,
