@@ -445,7 +445,7 @@ class FillMaskDeployment:
     # ---- batching: each caller passes one text; Serve hands us the texts of concurrent requests together ----
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.03)  # replaced from ServeArgs in __init__
-    async def _fill_mask_batch(self, items: list[tuple[str, int, tuple[str, ...] | None]]) -> list[tuple[list, int]]:
+    async def _fill_mask_batch(self, items: list[tuple[str, int, tuple | None]]) -> list[tuple[list, int]]:
         results: list = [None] * len(items)
         for targets in {t for _, _, t in items}:  # requests with the same targets (mostly none) share a call
             indices = [i for i, item in enumerate(items) if item[2] == targets]
@@ -494,7 +494,8 @@ class FillMaskDeployment:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.api_token):
             raise ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <JBERT_API_TOKEN>')")
 
-    def _targets(self, targets: list[str] | None) -> tuple[int, ...] | None:
+    def _targets(self, targets: list[str] | None) -> tuple[str, ...] | None:
+        """The request's fill-mask targets, checked against the vocabulary (422) and the limit (413)."""
         if targets is None:
             return None
         if len(targets) > self.args.max_targets:
@@ -507,7 +508,7 @@ class FillMaskDeployment:
         return tuple(targets)  # hashable: requests with the same targets share a batch
 
     def _texts(
-        self, text: str | None, texts: list[str] | None, check: Callable[[int, str], None]
+        self, text: str | None, texts: list[str] | None, check: Callable[[int, str], int]
     ) -> list[str]:
         if (text is None) == (texts is None):
             raise ApiError(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)')
@@ -609,9 +610,11 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> No
     app = build_app(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down like Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background by a shell
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": args.request_timeout_s})
         serve.run(app, name="jbert", route_prefix="/")
+        deployed = True
         print(
             f"jbert serve: {args.model_dir} at http://{host}:{port} (POST /fill-mask, POST /score, GET /info); "
             "Ctrl-C to stop",
@@ -626,7 +629,8 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> No
             signal.signal(signum, signal.SIG_IGN)
         # Deleting the app first drains it: its replicas finish the requests in flight (up to Serve's graceful
         # shutdown timeout, 20 s) while the proxy still stands; serve.shutdown() alone cut them off.
-        serve.delete("jbert")
+        if deployed:
+            serve.delete("jbert")
         serve.shutdown()
         _remove_haproxy_files()
         print("jbert serve: stopped", flush=True)
