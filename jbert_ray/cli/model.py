@@ -133,7 +133,7 @@ def _add_serve(sub: argparse.ArgumentParser) -> None:
     from jbert_ray.serve import ServeArgs
 
     sub.add_argument(
-        "--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to listen on all interfaces)"
+        "--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0: all interfaces, with JBERT_API_TOKEN set)"
     )
     sub.add_argument("--port", type=int, default=8000, help="HTTP port")
     sub.add_argument(
