@@ -170,16 +170,16 @@ def stop_ray_and_its_processes() -> Iterator[None]:
     try:
         yield
     finally:
-        started = _descendants(os.getpid())
+        started = process_tree(os.getpid())
         ray.shutdown()
-        for pid in filter(_alive, started):  # an orphan is no longer our descendant, but it is still alive
+        for pid in filter(is_alive, started):  # an orphan is no longer our descendant, but it is still alive
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
 
 
-def _descendants(root: int) -> set[int]:
+def process_tree(root: int) -> set[int]:
     """Pids under `root` in the process tree (Linux /proc; an empty set elsewhere)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -197,7 +197,8 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):

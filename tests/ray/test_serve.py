@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jbert_ray.cli.ray_runtime import is_alive, process_tree
 from jbert_ray.serve import ServeArgs, build_app, free_port
 
 pytestmark = pytest.mark.ray
@@ -343,7 +344,6 @@ def test_bf16_replica_answers_close_to_float32(serve_url, extra_app, sample_text
 @pytest.mark.parametrize("method", ["pll-word-l2r", "pll-strided"])
 def test_each_pll_method_over_http_equals_the_inference_core(serve_url, tiny_model_dir, sample_texts, method):
     from jbert_ray.inference import MaskedLM
-
     from jbert_ray.tokenizer import JapaneseTokenizer
 
     tokenizer = JapaneseTokenizer.from_pretrained(tiny_model_dir)
@@ -502,30 +502,6 @@ def kill_tree(server: subprocess.Popen) -> None:
             pass
 
 
-def process_tree(root: int) -> set[int]:
-    """Pids under `root` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def listening(pids: set[int]) -> set[tuple[str, int]]:
     """(address in /proc/net hex, port) of the TCP sockets these processes listen on."""
     inodes = set()
@@ -557,17 +533,23 @@ def serving_sockets(server: subprocess.Popen, url: str) -> set[tuple[str, int]]:
     return {(a, p) for a, p in listening(process_tree(server.pid)) if p == port or 30000 <= p <= 31000}
 
 
-def stop_and_check_nothing_is_left(server: subprocess.Popen, url: str, signum: int) -> str:
-    """Send `signum`; it must exit 0 with no process of its tree alive, its ports closed, HAProxy's files gone."""
+def stop_and_check_nothing_is_left(server: subprocess.Popen, url: str, signum: int, in_flight: dict,
+                                   headers: dict | None = None) -> str:  # fmt: skip
+    """Send `signum` while the /score request `in_flight` runs: it must be answered (drained), and the server must
+    exit 0 with no process of its tree alive and its port closed."""
     tree = process_tree(server.pid)
     assert tree, "jbert serve started no Ray"
-    server.send_signal(signum)
-    output, _ = server.communicate(timeout=90)
+    with ThreadPoolExecutor(1) as pool:
+        request = pool.submit(post, f"{url}/score", in_flight, headers)
+        time.sleep(0.5)
+        server.send_signal(signum)
+        output, _ = server.communicate(timeout=90)
+        assert request.result().status_code == 200
     assert server.returncode == 0, output[-2000:]
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(pid) for pid in tree):
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in tree):
         time.sleep(0.2)
-    survivors = [Path(f"/proc/{pid}/cmdline").read_bytes()[:100] for pid in tree if alive(pid)]
+    survivors = [Path(f"/proc/{pid}/cmdline").read_bytes()[:100] for pid in tree if is_alive(pid)]
     assert not survivors, survivors
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
@@ -607,11 +589,7 @@ def test_jbert_serve_command_answers_sheds_overload_and_stops_on_ctrl_c(tiny_mod
         assert any(30000 <= port <= 31000 for _, port in sockets), sockets
         assert {address for address, _ in sockets} <= LOOPBACK, sockets
         assert not {port for _, port in listening(process_tree(server.pid))} & HAPROXY_PORTS
-        with ThreadPoolExecutor(1) as pool:  # Ctrl-C drains too: the request in flight is answered
-            in_flight = pool.submit(post, f"{url}/score", slow)
-            time.sleep(0.5)
-            stop_and_check_nothing_is_left(server, url, signal.SIGINT)
-            assert in_flight.result().status_code == 200
+        stop_and_check_nothing_is_left(server, url, signal.SIGINT, slow)  # Ctrl-C drains too
     finally:
         if server.poll() is None:
             kill_tree(server)
@@ -640,11 +618,7 @@ def test_jbert_serve_checks_its_token_and_drains_on_sigterm(tiny_model_dir, samp
         assert requests.get(f"{url}/info", headers=bearer, timeout=10).json()["ingress"] == "haproxy"
         assert {address for address, _ in serving_sockets(server, url)} <= LOOPBACK
         slow = {"texts": [t for t in sample_texts if 60 <= len(t) <= 140][:32]}
-        with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(post, f"{url}/score", slow, bearer)
-            time.sleep(0.5)
-            stop_and_check_nothing_is_left(server, url, signal.SIGTERM)
-            assert in_flight.result().status_code == 200
+        stop_and_check_nothing_is_left(server, url, signal.SIGTERM, slow, bearer)
     finally:
         if server.poll() is None:
             kill_tree(server)
