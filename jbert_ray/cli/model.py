@@ -1,9 +1,11 @@
-"""`jbert pretrain`, `jbert score`, `jbert serve` (and `jbert demo`, from cli.demo): train a model, use it."""
+"""`jbert pretrain`, `jbert score`, `jbert evaluate`, `jbert serve` (and `jbert demo`, from cli.demo): train a
+model, use it."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 
 from jbert_ray.cli.common import add_command, add_ray_flags, by_reason
@@ -14,7 +16,8 @@ from jbert_ray.errors import Stopped, UserError
 
 
 def add_model_commands(commands, selected: str | None) -> None:
-    """Register pretrain, score, serve and demo; only the `selected` one gets its flags (they import its module)."""
+    """Register pretrain, score, evaluate, serve and demo; only the `selected` one gets its flags (they import its
+    module)."""
     add_command(commands, selected, "pretrain",
                 "Pretrain a masked LM (ModernBERT or BERT) on preprocessed shards with Ray Train "
                 "(re-run the same --out to resume).", _add_pretrain, _run_pretrain)  # fmt: skip
@@ -24,6 +27,9 @@ def add_model_commands(commands, selected: str | None) -> None:
     add_command(commands, selected, "serve",
                 "Serve POST /fill-mask and POST /score over HTTP with Ray Serve (until Ctrl-C).",
                 _add_serve, _run_serve)  # fmt: skip
+    add_command(commands, selected, "evaluate",
+                "Fine-tune a model on JGLUE tasks (JSTS, JCommonsenseQA) in a Ray Tune sweep over learning rates "
+                "and seeds; report each task's dev score.", _add_evaluate, _run_evaluate)  # fmt: skip
     add_command(commands, selected, "demo", "Run the whole path on the bundled Japanese sample with a local Ray.",
                 add_demo_flags, run_demo_command)  # fmt: skip
 
@@ -119,6 +125,40 @@ def _run_score(args: argparse.Namespace) -> None:
     if summary["filtered"]:
         f = summary["filtered"]
         print(f"score: kept {f['rows_kept']:,} rows with PLL/token ≥ {f['threshold']:.3f} → {f['path']}")
+
+
+EVALUATE_FLAGS = {
+    "model_dir": Flag("--model", metavar="MODEL_DIR|URI"),
+    "data_dir": Flag("--data", metavar="JGLUE_DIR|URI"),
+    "output_dir": Flag("--out", metavar="EVAL_DIR|URI"),
+    "show_progress": Flag("--progress"),
+}
+
+
+def _add_evaluate(sub: argparse.ArgumentParser) -> None:
+    from jbert_ray.evaluate import EvaluateConfig
+
+    add_config_flags(sub, EvaluateConfig, EVALUATE_FLAGS)
+    add_ray_flags(sub, progress=False)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from jbert_ray.evaluate import EvaluateConfig, prepare_evaluation, results_table, run_evaluation
+
+    config = config_from_args(EvaluateConfig, args, EVALUATE_FLAGS)
+    job = prepare_evaluation(config)  # model, head classes, task files and output fail before Ray starts
+    capped = {task: (len(train), job.train_rows[task]) for task, (train, _) in job.data.items()
+              if len(train) < job.train_rows[task]}  # fmt: skip
+    if capped:
+        shown = ", ".join(f"{task} {n:,} of {rows:,}" for task, (n, rows) in capped.items())
+        print(f"evaluate: training on a sample of each task ({shown}; --max-train-examples 0 for all)")
+    init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
+    if not args.verbose:
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
+    with stop_on_signals():
+        results = run_evaluation(job)
+    print(f"evaluate: {len(results['trials'])} trials in {results['seconds'] / 60:.1f} min → {config.output_dir}")
+    print(results_table(results), end="")
 
 
 SERVE_FLAGS = {

@@ -2,8 +2,8 @@
 own, 10.78.0.1 and 10.78.0.2, 2 CPUs each: with one, a worker per node leaves no whole CPU for Ray Data's
 read tasks), each node with a private /tmp (its Ray session, unpacked job working
 dirs and model cache), moto's S3 server on the head's address as the only shared storage. The whole path runs by
-`ray job submit`: vocab → preprocess → pretrain (one worker per node) → score (one actor per node) → a Serve app
-with one replica per node; then the faults: the second node killed during pretraining (the job finishes from the
+`ray job submit`: vocab → preprocess → pretrain (one worker per node) → score (one actor per node) → evaluate (a
+Tune trial per node) → a Serve app with one replica per node; then the faults: the second node killed during pretraining (the job finishes from the
 latest checkpoint after the node rejoins) and during scoring (a --resume run scores every id exactly once).
 
 Needs root (namespaces, mounts); skipped elsewhere.
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.ray
 HEAD, WORKER = "jbsnA", "jbsnB"
 HEAD_IP, WORKER_IP = "10.78.0.1", "10.78.0.2"
 S3 = f"{HEAD_IP}:9000"
+JGLUE_SAMPLE = REPO / "jbert_ray" / "sample" / "jglue"
 DASHBOARD = f"http://{HEAD_IP}:8265"
 BIN = Path(sys.executable).parent
 NODE_ENV = {
@@ -250,6 +251,15 @@ def test_the_whole_path_and_its_faults_on_two_nodes_sharing_only_object_storage(
         "print(json.dumps(ids))").strip().splitlines()[-1])  # fmt: skip
     assert len(ids) == len(set(ids)) == 1500  # every id exactly once
     _mark("scoring resumed")
+
+    # JGLUE evaluation from the store: one 2-CPU trial per node at once, data and model read from s3://.
+    nodes.store(f"Store('{bucket}/jglue').upload({str(JGLUE_SAMPLE)!r}) or 0")
+    nodes.submit("jobs.evaluate", "--model", f"{bucket}/run/model", "--data", f"{bucket}/jglue", "--out",
+                 f"{bucket}/eval", "--tasks", "jsts", "--seeds", "0,1", "--learning-rates", "1e-4", "--epochs", "1",
+                 "--max-train-examples", "32", "--cpus-per-trial", "2", "--no-progress")  # fmt: skip
+    evaluated = nodes.store(f"Store('{bucket}/eval').read_json('results.json')")
+    assert len(evaluated["trials"]) == 2 and {t["node_ip"] for t in evaluated["trials"]} == {HEAD_IP, WORKER_IP}
+    _mark("evaluated")
 
     # Serving: one replica per node (each takes a node's 2 CPUs), the model fetched from the store by each node.
     # Test hosts of our own namespaces: no token (a replica reads it from its node's environment).
