@@ -1,17 +1,20 @@
-"""Learning efficiency: what a model learns of Japanese in the same wall-clock budget, ours against HF's run_mlm.
+"""Learning efficiency: what a model learns of Japanese in the same wall-clock budget, ours against the peers.
 
-    python bench/quality.py                         # 20 minutes per side on 2 CPUs (~45 minutes in all)
+    python bench/quality.py                         # 20 minutes per run on 2 CPUs (~70 minutes in all)
     python bench/quality.py --minutes 5 --run ours --run "ours-bert:--arch bert"   # levers, one row each
 
-Both sides train the same dims (hidden 256, 4 layers, 4 heads, FFN 1024) with the same tokenizer (a 32,768-entry
+Every run trains the same dims (hidden 256, 4 layers, 4 heads, FFN 1024) with the same tokenizer (a 32,768-entry
 WordPiece vocab over MeCab words of ../shared/corpus/ja_train) on the same token stream, on all of this machine's
-CPUs, for the same --minutes of training (start-up and export are outside the budget on both sides):
-  ours        `jbert pretrain --time-budget M --model-config dims.json`, default flags otherwise: Ray Train + the Ray
-              Data masking stream, as users run it (extra flags after "LABEL:" in --run)
-  hf-run_mlm  transformers' run_mlm recipe in one process: group_texts into 128-token blocks,
-              DataCollatorForLanguageModeling (15% tokens, 80/10/10), BertForMaskedLM (dropout 0.1), AdamW 5e-4,
-              batch 32, warmup 200 steps, then linear decay laid over the budget (as ours), torch on all CPUs,
-              bf16 autocast where ours uses it by default (as Trainer's --bf16 does on a CPU)
+CPUs, for the same --minutes of training (start-up and export are outside the budget on every side):
+  ours           `jbert pretrain --time-budget M --model-config dims.json`, default flags otherwise: Ray Train + the
+                 Ray Data masking stream, as users run it (extra flags after "LABEL:" in --run)
+  hf-modernbert  the fair peer: transformers' Trainer + ModernBertForMaskedLM with ModernBERT's MLM recipe (30%
+                 masking, sparse prediction, dropout 0, AdamW 8e-4 betas 0.9/0.98 wd 1e-5, 6% warmup then linear
+                 decay, batch 32, bf16 where the CPU has it), max_steps from a timing run's steady step time
+  hf-run_mlm     a second reference: transformers' run_mlm recipe in one process: group_texts into 128-token blocks,
+                 DataCollatorForLanguageModeling (15% tokens, 80/10/10), BertForMaskedLM (dropout 0.1), AdamW 5e-4,
+                 batch 32, warmup 200 steps, then linear decay laid over the budget (as ours), torch on all CPUs,
+                 bf16 autocast where ours uses it by default (as Trainer's --bf16 does on a CPU)
 One evaluator for every run: masked-token accuracy and perplexity with 15% *token* masking at a fixed seed over
 the same 400 blocks of 128 tokens of ../shared/corpus/ja_valid (split by source file), plus the top-5 fill-mask
 answers on FILL_MASK sentences written before any tuning, each with the content words we accept as plausible.
@@ -72,40 +75,56 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/jbert_quality", help="tokenizer, shards, runs and results")
     parser.add_argument(
         "--run", action="append", metavar="LABEL[:FLAGS]",
-        help='"hf-run_mlm", or a label for `jbert pretrain` with extra flags (default: ours and hf-run_mlm)',
+        help='"hf-modernbert", "hf-run_mlm", or a label for `jbert pretrain` with extra flags (default: all three)',
     )
     parser.add_argument("--rerun", action="store_true", help="train again even if a result is kept")
     parser.add_argument("--note", action="append", default=[], help="a sentence printed under the table")
     parser.add_argument("--table", help="name of the results file (default: quality, or quality-Mmin-levers)")
+    parser.add_argument("--title", help="the table's title (default: from the runs)")
     args = parser.parse_args()
     work = Path(args.work)
-    runs = args.run or ["ours", "hf-run_mlm"]
+    runs = args.run or ["ours", "hf-modernbert", "hf-run_mlm"]
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (an idle machine reads ~0); "
           f"budget {args.minutes:g} min per run; dims {DIMS}", flush=True)
+    results = trained_runs(work, runs, args.minutes, args.rerun)
+    if args.run:
+        name, title = f"quality-{args.minutes:g}min-levers", f"Learning: levers, {args.minutes:g} minutes each"
+    else:
+        name, title = "quality", f"Learning efficiency: {args.minutes:g} minutes of training, ours vs HF ModernBERT and run_mlm"
+    publish_table(results, args.table or name, args.title or title, args.note)
+    plot(results, work / "loss_vs_tokens.png")
+
+
+def trained_runs(work: Path, runs: list[str], minutes: float, rerun: bool = False) -> list[dict]:
+    """Each run's result (its model dir, curve and evaluation), kept under `work` from an earlier call unless
+    `rerun`; bench/downstream.py fine-tunes the same models."""
     tokenizer_dir, shards_dir = prepare_data(work)
     evaluator = Evaluator(tokenizer_dir)
     results = []
     for spec in runs:
         label, _, flags = spec.partition(":")
-        path = work / "results" / f"{label}_{args.minutes:g}min.json"
-        if path.exists() and not args.rerun:
+        path = work / "results" / f"{label}_{minutes:g}min.json"
+        if path.exists() and not rerun:
             result = json.loads(path.read_text())
         else:
-            trained = (train_hf_run_mlm(work, shards_dir, tokenizer_dir, args.minutes) if label == "hf-run_mlm"
-                       else train_ours(work, label, shards_dir, args.minutes, shlex.split(flags)))
-            result = {"label": label, "flags": flags, "minutes": args.minutes, **trained,
-                      **evaluator.evaluate(trained["model_dir"]), "date": machine()["date"]}
+            trained = train(work, label, flags, shards_dir, tokenizer_dir, minutes)
+            result = {"label": label, "flags": flags, "minutes": minutes, **trained,
+                      **evaluator.evaluate(trained["model_dir"]), "date": machine()["date"]}  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, ensure_ascii=False, indent=1))
         results.append(result)
         print(f"[{label}] valid acc {result['accuracy']:.1%}, ppl {result['perplexity']:.1f}, "
               f"{result['plausible']}/{len(FILL_MASK)} fill-mask rows plausible", flush=True)
-    if args.run:
-        name, title = f"quality-{args.minutes:g}min-levers", f"Learning: levers, {args.minutes:g} minutes each"
-    else:
-        name, title = "quality", f"Learning efficiency: {args.minutes:g} minutes of training, ours vs HF run_mlm"
-    publish_table(results, args.table or name, title, args.note)
-    plot(results, work / "loss_vs_tokens.png")
+    return results
+
+
+def train(work: Path, label: str, flags: str, shards_dir: Path, tokenizer_dir: Path, minutes: float) -> dict:
+    """One run: a peer by its label, else `jbert pretrain` with the flags."""
+    if label == "hf-modernbert":
+        return train_hf_modernbert(work, shards_dir, tokenizer_dir, minutes)
+    if label == "hf-run_mlm":
+        return train_hf_run_mlm(work, shards_dir, tokenizer_dir, minutes)
+    return train_ours(work, label, shards_dir, minutes, shlex.split(flags))
 
 
 def prepare_data(work: Path) -> tuple[Path, Path]:
@@ -187,6 +206,92 @@ def train_hf_run_mlm(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes:
     save_model_dir(model_dir, model, JapaneseTokenizer.from_pretrained(tokenizer_dir))
     return {"model_dir": str(model_dir), "steps": step, "tokens": tokens, "train_s": time.perf_counter() - started,
             "wall_s": time.perf_counter() - started, "curve": curve}
+
+
+def train_hf_modernbert(work: Path, shards_dir: Path, tokenizer_dir: Path, minutes: float) -> dict:
+    """The peer a competent user picks: transformers' Trainer + ModernBertForMaskedLM, set up as ModernBERT's paper
+    and model docs recommend for MLM (30% masking, sparse prediction, no dropout, AdamW lr 8e-4 betas 0.9/0.98
+    wd 1e-5, 6% warmup then linear decay), batch 32, bf16 where the CPU has it natively, all CPU threads.
+
+    Trainer's schedule needs `max_steps`: a timing run measures the steady step time after the first steps (the
+    first are slow, and a plan drawn from them ends the schedule minutes early), and a callback stops at the budget
+    if the plan was still too long. The timing run is outside the budget, as our start-up is."""
+    from transformers import (
+        BertJapaneseTokenizer,
+        DataCollatorForLanguageModeling,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from jbert_ray.checkpoint import save_model_dir
+    from jbert_ray.pretrain.step import has_native_bf16
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    hf_tokenizer = BertJapaneseTokenizer.from_pretrained(tokenizer_dir)
+    blocks = grouped_blocks(sorted((shards_dir / "train").glob("**/*.parquet")))
+    np.random.default_rng(0).shuffle(blocks)
+    dataset = [{"input_ids": row.tolist()} for row in blocks]
+    ids = {name: getattr(hf_tokenizer, f"{name}_token_id") for name in ("pad", "cls", "sep")}
+    config = ModernBertConfig(
+        vocab_size=hf_tokenizer.vocab_size, hidden_size=DIMS["hidden_size"], num_hidden_layers=DIMS["num_layers"],
+        num_attention_heads=DIMS["num_heads"], intermediate_size=DIMS["intermediate_size"],
+        pad_token_id=ids["pad"], bos_token_id=ids["cls"], eos_token_id=ids["sep"], cls_token_id=ids["cls"],
+        sep_token_id=ids["sep"], sparse_prediction=True,
+        embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0,
+    )
+    collator = DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.3)
+    output_dir = work / "runs" / "hf-modernbert"
+    budget = 60 * minutes
+
+    class Clock(TrainerCallback):
+        def __init__(self, stop_after_s: float | None = None, time_from_step: int = 10):
+            self.stop_after_s, self.time_from_step, self.start, self.times = stop_after_s, time_from_step, None, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+            if self.stop_after_s and self.times[-1] - self.start >= self.stop_after_s:
+                control.should_training_stop = True
+
+        def steady_step_s(self) -> float:
+            steady = self.times[self.time_from_step:]
+            return (steady[-1] - steady[0]) / (len(steady) - 1)
+
+    def trainer(max_steps: int, callback: Clock) -> Trainer:
+        torch.manual_seed(0)
+        arguments = TrainingArguments(
+            output_dir=str(output_dir / "trainer"), max_steps=max_steps, per_device_train_batch_size=32,
+            learning_rate=8e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, weight_decay=1e-5,
+            warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, bf16=has_native_bf16(torch.device("cpu")),
+            use_cpu=True, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+            dataloader_num_workers=0,
+        )  # fmt: skip
+        run = Trainer(model=ModernBertForMaskedLM(config), args=arguments, train_dataset=dataset,
+                      data_collator=collator, callbacks=[callback])  # fmt: skip
+        run.remove_callback(PrinterCallback)  # a dict printed every 10 steps; the log history keeps them
+        return run
+
+    probe = Clock()
+    trainer(40, probe).train()
+    max_steps = int(budget / probe.steady_step_s())
+    clock = Clock(stop_after_s=budget)
+    run = trainer(max_steps, clock)
+    run.train()
+    train_s = clock.times[-1] - clock.start
+    steps = len(clock.times)
+    model_dir = output_dir / "model"
+    save_model_dir(model_dir, run.model, JapaneseTokenizer.from_pretrained(tokenizer_dir))
+    curve = [(entry["step"] * 32 * SEQ_LEN, entry["loss"]) for entry in run.state.log_history if "loss" in entry]
+    return {"model_dir": str(model_dir), "steps": steps, "tokens": steps * 32 * SEQ_LEN, "train_s": train_s,
+            "wall_s": train_s, "planned_steps": max_steps, "curve": curve}
 
 
 def grouped_blocks(train_files: list[Path]) -> np.ndarray:

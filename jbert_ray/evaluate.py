@@ -19,10 +19,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -32,6 +32,10 @@ from jbert_ray.jglue import TASKS, Encoded, Task, encode_split, parse_tasks, rea
 from jbert_ray.outputs import OutputLock, check_output, clear_output, prepared
 from jbert_ray.storage import Store, is_uri, local_copy, resolve_location
 from jbert_ray.tokenizer import JapaneseTokenizer
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+    from transformers import PreTrainedModel
 
 STAGE = "evaluate"
 CPU_TRAIN_EXAMPLES = 2000  # the CPU default cap per task: a mini-size sweep of both tasks fits in ~30 minutes
@@ -104,8 +108,9 @@ def _numbers(spec: str, kind: type, flag: str) -> list:
         values = [kind(part) for part in spec.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"{flag} {spec!r}: give comma-separated numbers") from None
-    if not values or (kind is float and not all(0 < v < 1 for v in values)):
-        raise UserError(f"{flag} {spec!r}: give comma-separated numbers" + (" in (0, 1)" if kind is float else ""))
+    allowed = (lambda v: 0 < v < 1) if kind is float else (lambda v: v >= 0)
+    if not values or not all(map(allowed, values)):
+        raise UserError(f"{flag} {spec!r}: give comma-separated numbers " + ("in (0, 1)" if kind is float else "≥ 0"))
     return list(dict.fromkeys(values))
 
 
@@ -174,40 +179,11 @@ def _head_class(task: Task, model_type: str):
 
 def run_evaluation(job: EvaluateConfig | EvaluationJob) -> dict:
     """Run the sweep on the connected Ray cluster; write and return the results."""
-    # ---- Ray Tune: one function trial per grid point, each holding its resources ----
-    from ray import tune
-
     job = prepared(job, EvaluationJob, prepare_evaluation)
-    config = job.config
     try:
-        _check_placeable(config)
-        settings = {**asdict(config), "model_location": job.model_location, "out": job.out.location}
-        trainable = tune.with_resources(
-            tune.with_parameters(fine_tune, data=job.data, settings=settings),
-            {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
-        )
-        grid = config.grid()
-        sweep = _sweep_callback(len(grid), config.show_progress)
+        _check_placeable(job.config)
         started = time.perf_counter()
-        storage = tempfile.mkdtemp(prefix="jbert_evaluate_")  # Tune's own trial logs; the results go to OUT
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(grid)},
-            run_config=tune.RunConfig(
-                name="evaluate",
-                storage_path=storage,
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=config.max_retries),
-                callbacks=[sweep],
-            ),
-        )
-        with _quiet_tune():
-            result_grid = tuner.fit()
-        trials, failed = _collect(result_grid, config.epochs, sweep.retries)
-        if failed:
-            raise UserError(f"{len(failed)} of {len(grid)} trials failed after {config.max_retries} retries "
-                            f"(first: {failed[0]}); Tune's logs are in {storage}")  # fmt: skip
-        shutil.rmtree(storage, ignore_errors=True)
+        trials = _sweep(job)
         results = summarize(job, trials, time.perf_counter() - started)
         job.out.write_json("results.json", results)
         job.out.write_text("results.md", results_table(results))
@@ -216,19 +192,59 @@ def run_evaluation(job: EvaluateConfig | EvaluationJob) -> dict:
         job.lock.release()
 
 
+def _sweep(job: EvaluationJob) -> list[dict]:
+    """Every trial's final report; a trial that failed all its retries is a UserError naming Tune's logs."""
+    # ---- Ray Tune: one function trial per grid point, each holding its resources ----
+    from ray import tune
+
+    config, grid = job.config, job.config.grid()
+    settings = {**asdict(config), "model_location": job.model_location, "out": job.out.location}
+    trainable = tune.with_resources(
+        tune.with_parameters(fine_tune, data=job.data, settings=settings),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+    )
+    sweep = _sweep_callback(len(grid), config.show_progress)
+    storage = tempfile.mkdtemp(prefix="jbert_evaluate_")  # Tune's own trial logs; the results go to OUT
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(grid)},
+        run_config=tune.RunConfig(
+            name="evaluate",
+            storage_path=storage,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.max_retries),
+            callbacks=[sweep],
+        ),
+    )
+    try:
+        with _tune_settings():
+            trials, failed = _collect(tuner.fit(), config.epochs, sweep.retries)
+    except BaseException:  # Ctrl-C included: nothing is kept
+        shutil.rmtree(storage, ignore_errors=True)
+        raise
+    if failed:  # the logs stay, for the user to read
+        raise UserError(f"{len(failed)} of {len(grid)} trials failed (retried up to {config.max_retries} times; "
+                        f"first: {failed[0]}); Tune's logs are in {storage}")  # fmt: skip
+    shutil.rmtree(storage, ignore_errors=True)
+    return trials
+
+
 @contextmanager
-def _quiet_tune() -> Iterator[None]:
-    """Tune's legacy reporter at verbose=0 prints nothing; its newer one always prints a banner and result paths
-    (RAY_AIR_NEW_OUTPUT is read when `fit` starts). Our own lines say what a user needs."""
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+def _tune_settings() -> Iterator[None]:
+    """Tune as a command line tool wants it, for the sweep only: its legacy reporter (at verbose=0 it prints
+    nothing; the newer one always prints a banner and result paths), and Ctrl-C raising KeyboardInterrupt (Tune's
+    own handler would end the sweep quietly with trials unfinished, which would read as failed trials)."""
+    settings = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}  # read when `fit` starts
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_placeable(config: EvaluateConfig) -> None:
@@ -243,21 +259,18 @@ def _check_placeable(config: EvaluateConfig) -> None:
                         "lower --cpus-per-trial or --gpus-per-trial")  # fmt: skip
 
 
-def _collect(result_grid, epochs: int, retries: dict[str, int]) -> tuple[list[dict], list[str]]:
+def _collect(result_grid: ResultGrid, epochs: int, retries: dict[str, int]) -> tuple[list[dict], list[str]]:
+    """(each finished trial's point and final metrics, "name: last error line" of each unfinished one)."""
     trials, failed = [], []
     for result in result_grid:
-        point = result.config["trial"]
+        point, name = result.config["trial"], _trial_name(result.config["trial"])
         if result.error is not None or (result.metrics or {}).get("epoch") != epochs:
-            failed.append(f"{_trial_name(point)}: {(str(result.error or '').strip().splitlines() or ['no result'])[-1]}")
+            failed.append(f"{name}: {(str(result.error or '').strip().splitlines() or ['no result'])[-1]}")
             continue
         keep = ("first_loss", "train_loss", "seconds", "train_examples", "steps", "node_ip",
-                *_metric_names(point["task"]))  # fmt: skip
-        trials.append({**point, **{k: result.metrics[k] for k in keep}, "retries": retries.get(_trial_name(point), 0)})
+                *TASKS[point["task"]].metrics)  # fmt: skip
+        trials.append({**point, **{k: result.metrics[k] for k in keep}, "retries": retries.get(name, 0)})
     return trials, failed
-
-
-def _metric_names(task: str) -> tuple[str, ...]:
-    return TASKS[task].metrics
 
 
 def _trial_name(point: dict) -> str:
@@ -277,7 +290,7 @@ def _sweep_callback(total: int, show_progress: bool):
             self.done += 1
             point, metrics = trial.config["trial"], trial.last_result
             if show_progress:
-                shown = ", ".join(f"{k} {metrics.get(k, float('nan')):.3f}" for k in _metric_names(point["task"]))
+                shown = ", ".join(f"{k} {metrics.get(k, float('nan')):.3f}" for k in TASKS[point["task"]].metrics)
                 print(f"evaluate: {self.done}/{total} {_trial_name(point)}: {shown} "
                       f"({metrics.get('seconds', 0):.0f} s)", flush=True)  # fmt: skip
 
@@ -295,9 +308,10 @@ def _sweep_callback(total: int, show_progress: bool):
 
 def fine_tune(params: dict, data: dict[str, tuple[Encoded, Encoded]], settings: dict) -> None:
     """Fine-tune one (task, init, learning rate, seed) and report its dev metrics after each epoch."""
-    import ray.util
     import torch
     from ray import tune
+
+    from jbert_ray.pretrain.step import autocast_for
 
     started = time.perf_counter()
     point = params["trial"]
@@ -308,13 +322,14 @@ def fine_tune(params: dict, data: dict[str, tuple[Encoded, Encoded]], settings: 
     model = build_head_model(model_dir, task, point["init"] == FROM_SCRATCH, point["seed"]).to(device)
     train, valid = data[task.name]
     tokenizer = JapaneseTokenizer.from_pretrained(model_dir)
-    batches = _Batches(tokenizer.pad_token_id, model.config.model_type == "bert", device)
+    # BERT takes segment ids (Tohoku's and ours have 2 types); ModernBERT has none
+    batches = _Batches(tokenizer.pad_token_id, getattr(model.config, "type_vocab_size", 0) > 1, device)
     steps_per_epoch = math.ceil(len(train) / settings["batch_size"])
     total = steps_per_epoch * settings["epochs"]
     optimizer, schedule = _optimizer(model, point["learning_rate"], settings, total)
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     rng = np.random.default_rng(point["seed"])
-    first_loss, losses, step = None, [], 0
+    losses, step = [], 0
     for epoch in range(1, settings["epochs"] + 1):
         model.train()
         for rows in _length_bucketed(train, settings["batch_size"], rng):
@@ -328,19 +343,18 @@ def fine_tune(params: dict, data: dict[str, tuple[Encoded, Encoded]], settings: 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss.item())
-            first_loss = losses[0] if first_loss is None else first_loss
-        report = {"epoch": epoch, "steps": step, "first_loss": first_loss,
+        report = {"epoch": epoch, "steps": step, "first_loss": losses[0],
                   "train_loss": float(np.mean(losses[-steps_per_epoch:])), "train_examples": len(train)}  # fmt: skip
         if epoch == settings["epochs"]:  # the dev set is scored once, after the last epoch (the recipe's result)
             report.update(score(task, predict(model, valid, task, batches), valid.labels))
             if settings["save_models"]:
                 _save(model, tokenizer, Store(settings["out"]).child(f"models/{_trial_name(point)}"))
-        tune.report({**report, "seconds": time.perf_counter() - started, "node_ip": ray.util.get_node_ip_address()})
+        tune.report({**report, "seconds": time.perf_counter() - started})  # Tune adds node_ip, where it ran
 
 
-def build_head_model(model_dir, task: Task, from_scratch: bool, seed: int):
+def build_head_model(model_dir: str | os.PathLike, task: Task, from_scratch: bool, seed: int) -> PreTrainedModel:
     """The task's transformers head on the model dir's encoder (pretrained), or the same architecture and dims
-    from random weights (from_scratch); the head's own weights are drawn from `seed` either way."""
+    from random weights (from_scratch), drawn from `seed`."""
     import torch
     from transformers import AutoConfig
     from transformers.utils import logging
@@ -365,19 +379,17 @@ class _Batches:
     def __init__(self, pad_id: int, token_types: bool, device):
         self.pad_id, self.token_types, self.device = pad_id, token_types, device
 
-    def make(self, split: Encoded, rows, task: Task, with_labels: bool = True) -> dict:
+    def make(self, split: Encoded, rows: Sequence[int], task: Task, with_labels: bool = True) -> dict:
         import torch
 
         sequences = [pair for i in rows for pair in split.pairs[i]]
         width = max(len(ids) for _, ids in sequences)
         ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
-        types = np.zeros_like(ids)
-        for n, (first, seq) in enumerate(sequences):
-            ids[n, : len(seq)] = seq
-            types[n, first : len(seq)] = 1
+        mask, types = np.zeros_like(ids), np.zeros_like(ids)
+        for n, (first, seq) in enumerate(sequences):  # the mask from lengths: a "[PAD]" in a text is still read
+            ids[n, : len(seq)], mask[n, : len(seq)], types[n, first : len(seq)] = seq, 1, 1
         shape = (len(rows), task.num_choices, width) if task.head == "multiple-choice" else (len(rows), width)
-        tensors = {"input_ids": ids, "attention_mask": (ids != self.pad_id).astype(np.int64)}
-        tensors["attention_mask"][:, 0] = 1  # [CLS] always attends, whatever the pad id
+        tensors = {"input_ids": ids, "attention_mask": mask}
         if self.token_types:
             tensors["token_type_ids"] = types
         batch = {k: torch.from_numpy(v.reshape(shape)).to(self.device) for k, v in tensors.items()}
@@ -399,14 +411,16 @@ def _length_bucketed(split: Encoded, batch_size: int, rng: np.random.Generator) 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def predict(model, split: Encoded, task: Task, batches: _Batches, batch_size: int = 64) -> np.ndarray:
+def predict(
+    model: PreTrainedModel, split: Encoded, task: Task, batches: _Batches, batch_size: int = 64
+) -> np.ndarray:
     """The model's outputs on every example, in split order: (N,) scores or (N, choices) logits, in float32."""
     import torch
 
     model.eval()
     order = np.argsort([split.longest(i) for i in range(len(split))], kind="stable")
     outputs = []
-    with torch.no_grad(), _autocast(batches.device)():
+    with torch.no_grad():  # float32: bf16 outputs would tie many JSTS scores (Spearman counts ties)
         for start in range(0, len(split), batch_size):
             logits = model(**batches.make(split, order[start:start + batch_size], task, with_labels=False)).logits
             outputs.append(logits.float().squeeze(-1) if task.head == "regression" else logits.float())
@@ -432,13 +446,6 @@ def _optimizer(model, learning_rate: float, settings: dict, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _autocast(device):
-    """bf16 autocast where the chip computes it natively (as pretraining decides), else nothing."""
-    from jbert_ray.pretrain.step import autocast_for
-
-    return autocast_for(device)
-
-
 def _save(model, tokenizer: JapaneseTokenizer, store: Store) -> None:
     with tempfile.TemporaryDirectory() as local:
         model.save_pretrained(local)
@@ -455,7 +462,7 @@ def summarize(job: EvaluationJob, trials: list[dict], seconds: float) -> dict:
     by_task: dict[str, dict] = {}
     for task in parse_tasks(config.tasks):
         by_task[task.name] = {}
-        for init in {t["init"] for t in trials if t["task"] == task.name}:
+        for init in sorted({t["init"] for t in trials if t["task"] == task.name}):
             rows = [t for t in trials if t["task"] == task.name and t["init"] == init]
             by_lr = {}
             for lr in sorted({t["learning_rate"] for t in rows}):
@@ -502,8 +509,9 @@ def results_table(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{scores[task][metric]:.3f}" for task, metric in columns) + " |")
     capped = [f"{task} {results['train_examples'][task]:,} of {results['train_rows'][task]:,}" for task in tasks
               if results["train_examples"][task] < results["train_rows"][task]]  # fmt: skip
+    picked = ", ".join(f"{TASKS[task].metrics[0]} for {task}" for task in tasks)
     notes = [f"mean ± standard deviation over seeds {results['settings']['seeds']}, at the learning rate with the "
-             f"best mean {TASKS[tasks[0]].metrics[0]}; dev sets: " +
+             f"best mean ({picked}); dev sets: " +
              ", ".join(f"{task} {n:,}" for task, n in results["valid_examples"].items()) + " examples"]  # fmt: skip
     if capped:
         notes.append("training examples capped (--max-train-examples): " + ", ".join(capped))

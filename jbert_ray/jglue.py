@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jbert_ray.errors import UserError
-from jbert_ray.storage import Store
+from jbert_ray.storage import Store, first_line
 from jbert_ray.tokenizer import JapaneseTokenizer
 
 _SHOWN_LINES = 3  # line numbers named per kind of problem
@@ -60,15 +60,17 @@ def parse_tasks(spec: str) -> list[Task]:
     return [TASKS[name] for name in dict.fromkeys(names)]
 
 
-def read_split(data: Store, task: Task, split: str, limit: int = 0) -> list[dict]:
-    """The rows of `task`'s `split` ("train" or "valid") under `data`, checked; the first `limit` (0 = all).
-
-    Rows with a missing field, a wrong type or a label out of range are counted by kind and named by line in one
-    UserError: fine-tuning on part of a file without saying so would report a score for other data."""
+def read_split(data: Store, task: Task, split: str) -> list[dict]:
+    """The rows of `task`'s `split` ("train" or "valid") under `data`. Unusable rows are counted by kind and named
+    by line in one UserError: a score on part of a file, silently, would be a score for other data."""
     name = _find_file(data, task, split)
+    try:
+        text = data.read_text(name)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{data.child(name)} is not UTF-8 text: {error.reason} at byte {error.start:,}") from None
     problems: dict[str, list[int]] = {}
     rows = []
-    for number, line in enumerate(data.read_text(name).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -86,17 +88,22 @@ def read_split(data: Store, task: Task, split: str, limit: int = 0) -> list[dict
             f"{', …' if len(lines) > _SHOWN_LINES else ''})"
             for problem, lines in sorted(problems.items(), key=lambda item: -len(item[1]))
         )
-        raise UserError(f"{data.child(task.name)}/{name.rsplit('/', 1)[-1]}: {sum(map(len, problems.values())):,} "
-                        f"unusable rows: {kinds}")  # fmt: skip
+        unusable = sum(map(len, problems.values()))
+        raise UserError(f"{data.child(name)}: {unusable:,} unusable rows: {kinds}")
     if not rows:
-        raise UserError(f"{data}/{name} has no rows")
-    return rows[:limit] if limit else rows
+        raise UserError(f"{data.child(name)} has no rows")
+    return rows
 
 
 def _find_file(data: Store, task: Task, split: str) -> str:
-    candidates = (f"{task.name}/{split}.jsonl", f"{task.name}/{split}-v1.3.json", f"{task.name}-v1.3/{split}-v1.3.json")
+    candidates = (f"{task.name}/{split}.jsonl", f"{task.name}/{split}-v1.3.json",
+                  f"{task.name}-v1.3/{split}-v1.3.json")  # ours, then JGLUE's names  # fmt: skip
     for name in candidates:
-        if data.is_file(name):
+        try:
+            found = data.is_file(name)
+        except OSError as error:  # an unreachable store or bucket
+            raise UserError(f"cannot read --data {data}: {first_line(error)}") from None
+        if found:
             return name
     raise UserError(f"{data} has no {task.name} {split} split: looked for {', '.join(candidates)}")
 

@@ -155,8 +155,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     init_ray(args.ray_num_cpus, show_progress=config.show_progress, verbose=args.verbose)
     if not args.verbose:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
-    with stop_on_signals():
-        results = run_evaluation(job)
+    try:
+        with stop_on_signals():
+            results = run_evaluation(job)
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()
+        raise Stopped(f"stopped; no results were written to {config.output_dir}: run the command again") from None
     print(f"evaluate: {len(results['trials'])} trials in {results['seconds'] / 60:.1f} min → {config.output_dir}")
     print(results_table(results), end="")
 

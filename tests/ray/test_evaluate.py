@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from jbert_ray.cli.ray_runtime import process_tree
 from jbert_ray.errors import UserError
 from jbert_ray.evaluate import EvaluateConfig, prepare_evaluation, run_evaluation
+from tests.conftest import REPO, wait_for_group_exit
 
 pytestmark = pytest.mark.ray
 SAMPLE = Path(__file__).resolve().parents[2] / "jbert_ray" / "sample" / "jglue"
@@ -53,8 +56,8 @@ def test_both_tasks_on_modernbert_with_a_from_scratch_baseline(ray_cluster, tiny
         assert t["train_examples"] == 48 and t["steps"] == 3 and t["retries"] == 0
         metric = t["accuracy"] if t["task"] == "jcommonsenseqa" else t["pearson"]
         assert -1 <= metric <= 1
-    # From random weights really: with the same seed, head and batches, only the encoder's weights can make the
-    # first losses differ (a one-thread CPU run repeats bit for bit).
+    # From random weights really: loading the pretrained weights instead would give the very same first loss (same
+    # seed, same batches; a one-thread CPU run repeats bit for bit).
     by = {(t["task"], t["init"]): t["first_loss"] for t in trials}
     for task in ("jsts", "jcommonsenseqa"):
         assert by[(task, "from-scratch")] != by[(task, "pretrained")]
@@ -86,16 +89,10 @@ def test_a_trial_killed_mid_run_is_retried_and_the_results_are_complete(ray_clus
     def kill_the_first_trial():  # the Tune trial's worker process, once it has trained for a moment
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            for pid in process_tree(os.getpid()):
-                try:
-                    title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                except OSError:
-                    continue
-                if title.startswith("ray::ImplicitFunc.train"):  # a Tune function trial's actor
-                    time.sleep(1.5)  # past its start-up (~1 s), well before its end (~8 s)
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    break
+            for pid in _trial_pids(os.getpid())[:1]:
+                time.sleep(1.5)  # past its start-up (~1 s), well before its end (~8 s)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_the_first_trial, daemon=True)
@@ -113,3 +110,33 @@ def test_a_trial_larger_than_every_node_is_refused_before_any_work(ray_cluster, 
         _evaluate(tiny_model_dir, tmp_path / "out", gpus_per_trial=1)
     assert not (tmp_path / "out" / "results.json").exists()
     assert _evaluate(tiny_model_dir, tmp_path / "out", tasks="jsts", overwrite=True)["trials"]  # the lock was let go
+
+
+def test_ctrl_c_stops_the_command_with_one_line_and_leaves_nothing_running(tiny_modernbert_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.evaluate", "--model", str(tiny_modernbert_dir), "--data", str(SAMPLE),
+               "--out", str(out), "--tasks", "jsts", "--epochs", "50", "--seeds", "0", "--num-cpus", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _trial_pids(process.pid):
+        time.sleep(0.2)
+    time.sleep(1)  # the trial is training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("jbert evaluate: stopped;") and "Traceback" not in stderr
+    assert not (out / "results.json").exists()
+    wait_for_group_exit(process.pid)  # the local Ray it started is gone with it
+
+
+def _trial_pids(root: int) -> list[int]:
+    """The Tune function trials (their actor processes) under `root`."""
+    found = []
+    for pid in process_tree(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc.train"):
+                found.append(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return found

@@ -67,6 +67,13 @@ def test_multiple_choice_label_out_of_range_is_refused(tmp_path):
         read_split(_task_dir(tmp_path, [row], "jcommonsenseqa"), TASKS["jcommonsenseqa"], "train")
 
 
+def test_a_task_file_that_is_not_utf8_is_one_error_line(tmp_path):
+    (tmp_path / "jsts").mkdir()
+    (tmp_path / "jsts" / "train.jsonl").write_bytes('{"sentence1": "猫が寝ています。"}\n'.encode("shift_jis"))
+    with pytest.raises(UserError, match=r"jsts/train.jsonl is not UTF-8 text"):
+        read_split(Store(tmp_path), TASKS["jsts"], "train")
+
+
 def test_jglue_own_file_names_are_found(tmp_path):
     (tmp_path / "jsts-v1.3").mkdir()
     row = {"sentence1": "猫が寝ています。", "sentence2": "猫が眠っています。", "label": 4}
@@ -79,7 +86,7 @@ def test_pairs_encode_as_bert_japanese_tokenizer_does(tokenizer_dir):
 
     tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
     reference = BertJapaneseTokenizer.from_pretrained(tokenizer_dir)
-    rows = read_split(Store(SAMPLE), TASKS["jsts"], "valid", limit=30)
+    rows = read_split(Store(SAMPLE), TASKS["jsts"], "valid")[:30]
     for max_length in (128, 16):  # 16 cuts the longer sentence of most pairs
         encoded = encode_split(rows, TASKS["jsts"], tokenizer, max_length)
         for row, [(first, ids)] in zip(rows, encoded.pairs):
@@ -91,7 +98,7 @@ def test_pairs_encode_as_bert_japanese_tokenizer_does(tokenizer_dir):
 
 def test_multiple_choice_examples_hold_one_pair_per_choice(tokenizer_dir):
     tokenizer = JapaneseTokenizer.from_pretrained(tokenizer_dir)
-    rows = read_split(Store(SAMPLE), TASKS["jcommonsenseqa"], "valid", limit=5)
+    rows = read_split(Store(SAMPLE), TASKS["jcommonsenseqa"], "valid")[:5]
     encoded = encode_split(rows, TASKS["jcommonsenseqa"], tokenizer, 64)
     assert [len(example) for example in encoded.pairs] == [5] * 5
     question = tokenizer.encode(rows[0]["question"]).ids
