@@ -307,7 +307,8 @@ def _sweep_callback(total: int, show_progress: bool):
 
 
 def fine_tune(params: dict, data: dict[str, tuple[Encoded, Encoded]], settings: dict) -> None:
-    """Fine-tune one (task, init, learning rate, seed) and report its dev metrics after each epoch."""
+    """Fine-tune one (task, init, learning rate, seed); report its losses after each epoch, its dev metrics after
+    the last."""
     import torch
     from ray import tune
 
