@@ -115,7 +115,7 @@ def test_a_trial_larger_than_every_node_is_refused_before_any_work(ray_cluster, 
 def test_ctrl_c_stops_the_command_with_one_line_and_leaves_nothing_running(tiny_modernbert_dir, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.evaluate", "--model", str(tiny_modernbert_dir), "--data", str(SAMPLE),
-               "--out", str(out), "--tasks", "jsts", "--epochs", "50", "--seeds", "0", "--num-cpus", "1"]
+               "--out", str(out), "--tasks", "jsts", "--epochs", "2000", "--seeds", "0", "--num-cpus", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
